@@ -1,0 +1,1 @@
+"""Pipeline machinery: config, stages, manifests, artifact I/O, runtime, metrics."""
