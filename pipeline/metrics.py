@@ -61,3 +61,22 @@ def format_table(record: dict) -> str:
         rows.append(f"  {name:<16}{value:>8.2f}")
     rows.append(f"  {'mIoU':<16}{record['miou']:>8.2f}")
     return "\n".join(rows)
+
+
+def evaluate_label_files(dataset, ids, path_of, stage: str) -> np.ndarray:
+    """Confusion matrix of the label PNGs `path_of(id)` against the ground truth of `ids`."""
+    from pipeline.artifacts import load_label_png
+    from pipeline.errors import PipelineError
+    from pipeline.runtime import progress
+
+    n_labels = len(dataset.class_names)
+    conf = np.zeros((n_labels, n_labels), np.int64)
+    for image_id in progress(ids, stage):
+        path = path_of(image_id)
+        if not path.exists():
+            raise PipelineError(f"{stage}: prediction missing for {image_id}: {path}")
+        pred, gt = load_label_png(path), dataset.load_mask(image_id)
+        if pred.shape != gt.shape:
+            raise PipelineError(f"{stage}: {path} is {pred.shape}, ground truth is {gt.shape}")
+        conf += confusion_matrix(pred, gt, n_labels)
+    return conf

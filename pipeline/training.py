@@ -1,0 +1,65 @@
+"""Pieces every training stage shares: poly learning rate, checkpoint/resume, DDP wrapping."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline import artifacts
+
+log = logging.getLogger("wsss")
+
+
+def poly_lr(base_lr: float, step: int, max_steps: int, power: float = 0.9) -> float:
+    """base_lr · (1 − step/max_steps)^power (0 at and after max_steps)."""
+    return base_lr * max(0.0, 1.0 - step / max_steps) ** power
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max_steps: int, power: float = 0.9) -> float:
+    """Set every group's lr to poly_lr × the group's `lr_mult` (default 1); returns the base lr."""
+    lr = poly_lr(base_lr, step, max_steps, power)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    return lr
+
+
+def load_resume_checkpoint(path: Path, fingerprint: str, resume: bool, device) -> dict | None:
+    """The training checkpoint at `path` if it was written under the same fingerprint."""
+    if not resume or not path.exists():
+        return None
+    state = artifacts.load_torch(path, map_location=device)
+    if state.get("fingerprint") != fingerprint:
+        log.info("ignoring checkpoint %s from a different config", path)
+        return None
+    log.info("resuming from %s", path)
+    return state
+
+
+def ddp(model: torch.nn.Module, runtime) -> torch.nn.Module:
+    """Wrap for DistributedDataParallel under torchrun; the model itself otherwise."""
+    if not runtime.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_model(path: Path, model: torch.nn.Module, model_args: dict, **extra) -> None:
+    """Final weights with the arguments needed to rebuild the model (atomic)."""
+    state = {"model_args": model_args, "state_dict": unwrap(model).state_dict(), **extra}
+    artifacts.save_torch(path, state)
+
+
+def load_model_file(path: Path, device) -> dict:
+    state = artifacts.load_torch(path, map_location=device)
+    if "model_args" not in state or "state_dict" not in state:
+        from pipeline.errors import PipelineError
+
+        raise PipelineError(f"{path} is not a model file written by this toolkit (no model_args/state_dict)")
+    return state

@@ -1,0 +1,144 @@
+"""Image transforms and torch data sets shared by the training and inference stages."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.classes import IGNORE_LABEL
+
+
+def normalize(image: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> float32 (H, W, 3): (x/255 − mean) / std."""
+    return ((image.astype(np.float32) / 255.0) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, C) float -> (C, H, W) tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def resize(image: np.ndarray, size_hw: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    h, w = size_hw
+    if image.shape[:2] == (h, w):
+        return image
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
+
+
+def scaled_size(shape_hw, scale: float) -> tuple[int, int]:
+    return max(1, int(round(shape_hw[0] * scale))), max(1, int(round(shape_hw[1] * scale)))
+
+
+def random_crop(image: np.ndarray, crop: int, rng: np.random.Generator, label: np.ndarray | None = None,
+                image_fill: float = 0.0):
+    """Pad to at least crop×crop (image with `image_fill`, label with 255), then crop at a random place."""
+    h, w = image.shape[:2]
+    ph, pw = max(crop, h), max(crop, w)
+    if (ph, pw) != (h, w):
+        padded = np.full((ph, pw) + image.shape[2:], image_fill, dtype=image.dtype)
+        # place the image at a random offset inside the padding, as the reference does
+        oy, ox = rng.integers(0, ph - h + 1), rng.integers(0, pw - w + 1)
+        padded[oy:oy + h, ox:ox + w] = image
+        image = padded
+        if label is not None:
+            plab = np.full((ph, pw), IGNORE_LABEL, dtype=label.dtype)
+            plab[oy:oy + h, ox:ox + w] = label
+            label = plab
+    y = rng.integers(0, ph - crop + 1)
+    x = rng.integers(0, pw - crop + 1)
+    image = image[y:y + crop, x:x + crop]
+    if label is not None:
+        label = label[y:y + crop, x:x + crop]
+    return image, label
+
+
+class ClassificationDataset(Dataset):
+    """Images with multi-hot image-level labels, for train_cam.
+
+    Training: random long-side resize in `resize_long`, horizontal flip, random crop.
+    Validation (train=False): long side resized to `crop` (no randomness), padded to crop×crop.
+    """
+
+    def __init__(self, dataset, ids, crop: int, resize_long, mean, std, train: bool = True, seed: int = 0):
+        self.dataset, self.ids, self.crop = dataset, list(ids), crop
+        self.resize_long, self.mean, self.std, self.train, self.seed = resize_long, mean, std, train, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image = self.dataset.load_image(image_id)
+        h, w = image.shape[:2]
+        target_long = rng.integers(self.resize_long[0], self.resize_long[1] + 1) if self.train else self.crop
+        image = resize(image, scaled_size((h, w), target_long / max(h, w)))
+        if self.train and rng.random() < 0.5:
+            image = image[:, ::-1]
+        image = normalize(image, self.mean, self.std)
+        if self.train:
+            image, _ = random_crop(image, self.crop, rng)
+        else:
+            padded = np.zeros((self.crop, self.crop, 3), np.float32)
+            padded[:image.shape[0], :image.shape[1]] = image[:self.crop, :self.crop]
+            image = padded
+        return to_tensor(image), torch.from_numpy(self.dataset.multi_hot(image_id)), index
+
+
+class SegmentationCropDataset(Dataset):
+    """Images with a per-pixel label map (IR labels or pseudo labels) for train_irn / train_deeplab:
+    random rescale in `scale_range`, flip, pad (label 255) and random crop."""
+
+    def __init__(self, dataset, ids, label_path, crop: int, scale_range, mean, std, seed: int = 0):
+        self.dataset, self.ids, self.label_path, self.crop = dataset, list(ids), label_path, crop
+        self.scale_range, self.mean, self.std, self.seed = scale_range, mean, std, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        from pipeline.artifacts import load_label_png
+
+        image_id = self.ids[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image = self.dataset.load_image(image_id)
+        label = load_label_png(self.label_path(image_id))
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"label {self.label_path(image_id)} is {label.shape}, image is {image.shape[:2]}")
+        scale = rng.uniform(self.scale_range[0], self.scale_range[1])
+        size = scaled_size(image.shape[:2], scale)
+        image, label = resize(image, size), resize(label, size, nearest=True)
+        if rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        image = normalize(image, self.mean, self.std)
+        image, label = random_crop(image, self.crop, rng, label=label)
+        return to_tensor(image), torch.from_numpy(np.ascontiguousarray(label)).long(), index
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Reseed the augmentation and the distributed sampler for this epoch."""
+    loader.dataset.epoch = epoch
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def make_loader(dataset: Dataset, batch_size: int, runtime, num_workers: int, shuffle: bool, seed: int,
+                drop_last: bool = True):
+    """A DataLoader that shards by rank under torchrun and shuffles deterministically."""
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+    if runtime.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=runtime.world_size, rank=runtime.rank,
+                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
+    batch_size = max(1, min(batch_size, len(dataset) // runtime.world_size if drop_last else batch_size))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last, pin_memory=runtime.device.type == "cuda",
+                      persistent_workers=num_workers > 0)

@@ -1,0 +1,60 @@
+"""eval_cam: mIoU of the CAMs on `eval_split` at the configured background threshold,
+plus a threshold sweep. Writes result/<run>/metrics/eval_cam.json."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.metrics import confusion_matrix, metric_record, miou_percent, write_metrics
+from pipeline.runtime import progress
+from stages.make_cam import cam_path, read_cam
+
+log = logging.getLogger("wsss")
+
+
+def cam_to_prediction(cams: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
+    """argmax over [background plane at `threshold`; CAMs] mapped to label ids (class index + 1)."""
+    label_ids = np.concatenate([[0], np.asarray(keys) + 1]).astype(np.uint8)
+    if cams.shape[0] == 0:
+        return np.zeros(cams.shape[1:], np.uint8)
+    planes = np.concatenate([np.full((1,) + cams.shape[1:], threshold, cams.dtype), cams], axis=0)
+    return label_ids[np.argmax(planes, axis=0)]
+
+
+def sweep_thresholds(spec) -> list[float]:
+    start, stop, step = spec
+    count = int(np.floor((stop - start) / step + 1e-6)) + 1
+    return [round(start + i * step, 4) for i in range(count)]
+
+
+def run(ctx) -> dict:
+    section, data = ctx.section, ctx.data
+    dataset = ctx.dataset
+    ids = dataset.ids(data.eval_split)
+    if not dataset.has_masks(data.eval_split):
+        raise PipelineError(f"eval_cam: split '{data.eval_split}' has images without ground-truth masks")
+    thresholds = sorted(set(sweep_thresholds(section.sweep)) | {round(section.threshold, 4)})
+    n_labels = len(dataset.class_names)
+    confusions = {t: np.zeros((n_labels, n_labels), np.int64) for t in thresholds}
+    if not ctx.runtime.is_main:
+        return {}
+    for image_id in progress(ids, "eval_cam"):
+        path = cam_path(ctx, image_id)
+        if not path.exists():
+            raise PipelineError(f"eval_cam: no CAM for {image_id} ({path}); is eval_split '{data.eval_split}' "
+                                f"inside infer_split '{data.infer_split}'?")
+        cam = read_cam(path)
+        gt = dataset.load_mask(image_id)
+        for t in thresholds:
+            confusions[t] += confusion_matrix(cam_to_prediction(cam["high_res"], cam["keys"], t), gt, n_labels)
+    sweep = {str(t): round(miou_percent(confusions[t]), 3) for t in thresholds}
+    best = max(thresholds, key=lambda t: miou_percent(confusions[t]))
+    record = metric_record(confusions[round(section.threshold, 4)], dataset.class_names, len(ids),
+                           threshold=section.threshold, best_threshold=best,
+                           best_miou=round(miou_percent(confusions[best]), 3), sweep=sweep)
+    write_metrics(ctx.result_dir, "eval_cam", record)
+    log.info("eval_cam: mIoU %.2f%% at threshold %.2f; best %.2f%% at %.2f", record["miou"], section.threshold,
+             record["best_miou"], best)
+    return {"metrics": {"miou": record["miou"], "best_threshold": best, "best_miou": record["best_miou"]}}

@@ -1,0 +1,83 @@
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, dump_config, fingerprint, load_config
+
+
+def test_defaults_are_the_reference_hyperparameters():
+    cfg = load_config()
+    assert cfg.train_cam.epochs == 10 and cfg.train_cam.batch_size == 16 and cfg.train_cam.crop_size == 336
+    assert cfg.train_cam.cam_lambda == 0.1 and cfg.eval_cam.threshold == 0.15
+    assert (cfg.cam_to_ir_label.conf_fg_thres, cfg.cam_to_ir_label.conf_bg_thres) == (0.35, 0.15)
+    assert (cfg.make_sem_seg.beta, cfg.make_sem_seg.exp_times, cfg.make_sem_seg.sem_seg_bg_thres) == (10, 8, 0.25)
+    assert cfg.make_ins_seg.enabled is False
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train_cam.epochz=3", "train_cam.epochz"),
+    ("nonsense=1", "nonsense"),
+    ("train_cam.epochs=abc", "train_cam.epochs"),
+    ("train_cam.epochs=1.5", "train_cam.epochs"),
+    ("train_cam.epochs=0", "train_cam.epochs"),
+    ("device=tpu", "device"),
+    ("eval_cam.threshold=1.5", "eval_cam.threshold"),
+    ("make_cam.cam_source=both", "make_cam.cam_source"),
+    ("train_cam.cnn.pretrained=3", "train_cam.cnn.pretrained"),
+    ("make_cam.scales=[]", "make_cam.scales"),
+    ("data=3", "data"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(None, [override])
+
+
+def test_yaml_unknown_key_and_wrong_type(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train_irn": {"radius": 10, "radiuss": 3}}))
+    with pytest.raises(ConfigError, match="train_irn.radiuss"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"train_irn": {"epochs": "three"}}))
+    with pytest.raises(ConfigError, match="train_irn.epochs"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_set_overrides_yaml_and_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run_name": "a", "train_cam": {"epochs": 4, "lr": 0.2}}))
+    cfg = load_config(path, ["train_cam.epochs=7", "make_cam.scales=[1.0, 0.5]", "train_cam.vit.model_kwargs={depth: 2}",
+                             "train_cam.cnn.pretrained=/weights/r50.pth", "train_cam.momentum=0.9"])
+    assert cfg.run_name == "a" and cfg.train_cam.epochs == 7 and cfg.train_cam.lr == 0.2
+    assert cfg.make_cam.scales == [1.0, 0.5]
+    assert cfg.train_cam.vit.model_kwargs == {"depth": 2}
+    assert cfg.train_cam.cnn.pretrained == "/weights/r50.pth"
+    assert load_config(None, ["train_cam.cnn.pretrained=false"]).train_cam.cnn.pretrained is False
+    assert isinstance(load_config(None, ["train_cam.lr=1"]).train_cam.lr, float)  # int widened to float
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train_cam.epochs"])
+
+
+def test_dump_round_trip_and_fingerprint(tmp_path):
+    cfg = load_config(None, ["train_cam.epochs=3", "run_name=x"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert fingerprint(again.train_cam) == fingerprint(cfg.train_cam)
+    assert fingerprint(load_config(None, ["train_cam.epochs=4"]).train_cam) != fingerprint(cfg.train_cam)
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert {"demo.yaml", "voc12.yaml"} <= set(names)
+    for path in root.glob("*.yaml"):
+        load_config(path)
+    voc = load_config(root / "voc12.yaml")
+    assert voc.train_cam.cnn.backbone == "resnet152" and voc.train_cam.vit.name == "deit_small_patch16_224"
+    assert voc.make_cam.scales == [1.0, 0.5, 1.5, 2.0, 0.75, 1.25, 1.75]
+    assert (voc.train_deeplab.backbone, voc.train_deeplab.iterations, voc.train_deeplab.batch_size,
+            voc.train_deeplab.accumulation, voc.train_deeplab.crop_size, voc.train_deeplab.lr) == (
+        "resnet101", 20000, 5, 2, 321, 2.5e-4)
