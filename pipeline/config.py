@@ -115,6 +115,9 @@ class TrainIrnConfig:
     enabled: bool = True
     backbone: str = "resnet50"
     pretrained: Union[bool, str] = True
+    # Start the (frozen) backbone from this run's CAM CNN branch instead of `pretrained`
+    # weights: for runs without ImageNet weights (the CPU demo). Needs the same backbone name.
+    init_from_cam: bool = False
     radius: int = 10
     crop_size: int = 512
     rescale: list[float] = field(default_factory=lambda: [0.5, 1.5])

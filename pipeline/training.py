@@ -12,8 +12,11 @@ log = logging.getLogger("wsss")
 
 
 def poly_lr(base_lr: float, step: int, max_steps: int, power: float = 0.9) -> float:
-    """base_lr · (1 − step/max_steps)^power (0 at and after max_steps)."""
-    return base_lr * max(0.0, 1.0 - step / max_steps) ** power
+    """base_lr · (1 − step/max_steps)^power, step clamped to [0, max_steps]. Updated every
+    step (the DeepLab reference updates it every 10 iterations only)."""
+    if max_steps <= 0:
+        raise ValueError(f"max_steps must be positive, got {max_steps}")
+    return base_lr * (1.0 - min(max(step, 0), max_steps) / max_steps) ** power
 
 
 def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max_steps: int, power: float = 0.9) -> float:

@@ -23,7 +23,7 @@ def resize(image: np.ndarray, size_hw: tuple[int, int], nearest: bool = False) -
     h, w = size_hw
     if image.shape[:2] == (h, w):
         return image
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST_EXACT if nearest else cv2.INTER_LINEAR)
 
 
 def scaled_size(shape_hw, scale: float) -> tuple[int, int]:

@@ -1,0 +1,175 @@
+"""DeepLabv2: a dilated ResNet (output stride 8) with an ASPP head of four summed
+3x3 dilated convolutions, its multi-scale (MSC) wrapper, and checkpoint loading.
+
+Any timm ResNet works as the backbone: `resnet101` is the paper's, `resnet18` or
+`resnet10t` serve the CPU demo and the tests.
+
+Output size: logits are (B, C, ceil(H/8), ceil(W/8)). Every stride-2 step of a
+timm ResNet (7x7 or 3x3 stem convolution with padding, 3x3 max pool with
+padding 1, the stride-2 3x3 convolution / average-pool shortcut of layer2) maps
+n -> ceil(n/2), and the dilated layer3/layer4 keep the size. The Caffe-style
+ResNet of the reference (kazuto1011/deeplab-pytorch) max-pools with
+`ceil_mode=True`, which agrees on odd sizes (321 -> 41, 513 -> 65) and gives one
+more row/column on some even ones (320 -> 41 there, 40 here).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.backbone import create_timm_model
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+class ASPP(nn.Module):
+    """Four parallel 3x3 convolutions, dilated at `rates`, from the features
+    straight to class scores; their outputs are summed (DeepLabv2's ASPP-L)."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates=(6, 12, 18, 24)):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=rate, dilation=rate, bias=True)
+            for rate in rates
+        )
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return sum(branch(features) for branch in self.branches)
+
+
+class DeepLabV2(nn.Module):
+    """Dilated ResNet + ASPP. `forward(x)` gives logits (B, num_classes,
+    ceil(H/8), ceil(W/8)), not upsampled.
+
+    BatchNorm is frozen: running statistics are never updated (`train()` keeps
+    every BatchNorm layer in eval mode) and the affine parameters have
+    `requires_grad=False`, as in the reference, whose optimiser only sees the
+    convolution weights.
+    """
+
+    output_stride = 8
+
+    def __init__(self, backbone: str = "resnet101", num_classes: int = 21,
+                 pretrained: bool | str = False, rates=(6, 12, 18, 24)):
+        super().__init__()
+        self.backbone = create_timm_model(backbone, pretrained, output_stride=self.output_stride,
+                                          num_classes=0, global_pool="")
+        self.aspp = ASPP(self.backbone.num_features, num_classes, rates)
+        self.num_classes = num_classes
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                for parameter in module.parameters():
+                    parameter.requires_grad_(False)
+        self.train()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aspp(self.backbone.forward_features(x))
+
+    def train(self, mode: bool = True) -> "DeepLabV2":
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+
+class MSC(nn.Module):
+    """Multi-scale inputs: the image at 1.0 and at each of `scales` goes through
+    the same DeepLabV2; the scaled logits are bilinearly resized to the 1.0
+    logits' size and fused by a pixel-wise max.
+
+    Training returns [logits at 1.0, logits at each scale, the max]; evaluation
+    returns the max only. A scaled input is floor(H * scale) x floor(W * scale),
+    as in the reference. By default the per-scale training outputs keep their
+    own (smaller) size, as in the reference, whose loss downsamples the labels
+    to each output instead; `resize_scaled_outputs=True` returns them resized to
+    the 1.0 size (the max uses the resized ones either way). `msc_loss` handles
+    both.
+    """
+
+    def __init__(self, base: DeepLabV2, scales=(0.75, 0.5), resize_scaled_outputs: bool = False):
+        super().__init__()
+        self.base = base
+        self.scales = tuple(float(s) for s in scales)
+        self.resize_scaled_outputs = resize_scaled_outputs
+
+    def forward(self, x: torch.Tensor):
+        logits = self.base(x)
+        size = logits.shape[2:]
+        height, width = x.shape[2:]
+        scaled, resized = [], []
+        for scale in self.scales:
+            scaled_size = (max(1, math.floor(height * scale)), max(1, math.floor(width * scale)))
+            scaled_logits = self.base(F.interpolate(x, size=scaled_size, mode="bilinear", align_corners=False))
+            scaled.append(scaled_logits)
+            resized.append(F.interpolate(scaled_logits, size=size, mode="bilinear", align_corners=False))
+        fused = torch.stack([logits, *resized]).amax(dim=0)
+        if not self.training:
+            return fused
+        return [logits, *(resized if self.resize_scaled_outputs else scaled), fused]
+
+
+def _unwrap_state_dict(state) -> dict:
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise PipelineError("the checkpoint holds no state dict")
+    return state
+
+
+def load_deeplab_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load weights into a DeepLabV2 or MSC non-strictly; returns (missing,
+    unexpected) key lists, named as in `model`, and logs them.
+
+    Accepted files: a state dict saved by this project (of a DeepLabV2 or an
+    MSC, possibly under a "model"/"state_dict" key, possibly with DDP's
+    "module." prefix), or plain backbone weights (e.g. a timm ResNet state
+    dict, whose keys get the "backbone." prefix; its "fc.*" are reported as
+    unexpected and the ASPP as missing). Tensors whose shape differs from the
+    model's (another number of classes) are skipped and reported as unexpected.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise PipelineError(f"DeepLab checkpoint not found: {file}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PipelineError(f"cannot read DeepLab checkpoint {file}: {e}") from None
+    state = _unwrap_state_dict(state)
+
+    normalised = {}
+    for key, value in state.items():
+        for prefix in ("module.", "base."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        normalised[key] = value
+    if not any(key.startswith(("backbone.", "aspp.")) for key in normalised):
+        normalised = {f"backbone.{key}": value for key, value in normalised.items()}
+    if isinstance(model, MSC):
+        normalised = {f"base.{key}": value for key, value in normalised.items()}
+
+    own = model.state_dict()
+    compatible = {k: v for k, v in normalised.items() if k in own and own[k].shape == v.shape}
+    if not compatible:
+        raise PipelineError(f"no tensor in {file} matches the DeepLab model: wrong backbone or wrong file?")
+    # BatchNorm's batch counter is unused (statistics are frozen) and absent from many files.
+    missing = sorted(k for k in set(own) - set(compatible) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(normalised) - set(compatible))
+    model.load_state_dict(compatible, strict=False)
+    log.info("loaded %s: %d tensors, %d missing, %d unexpected or mismatched",
+             file, len(compatible), len(missing), len(unexpected))
+    if missing:
+        log.info("missing keys (first 10): %s", missing[:10])
+    if unexpected:
+        log.info("unexpected keys (first 10): %s", unexpected[:10])
+    return missing, unexpected

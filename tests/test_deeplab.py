@@ -1,0 +1,250 @@
+"""DeepLabv2 model, MSC wrapper, checkpoint loading and training helpers: CPU,
+random init, tiny inputs."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from deeplab.model import MSC, DeepLabV2, load_deeplab_checkpoint
+from deeplab.train_utils import (msc_loss, param_groups, poly_lr, random_scale_crop, resize_labels,
+                                 set_poly_lr)
+from pipeline.errors import PipelineError
+
+NUM_CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DeepLabV2("resnet18", num_classes=NUM_CLASSES, pretrained=False)
+
+
+def batchnorms(module):
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+# --- model -------------------------------------------------------------------
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet10t"])
+def test_output_is_ceil_of_stride_8_on_odd_and_even_sizes(backbone):
+    net = DeepLabV2(backbone, num_classes=NUM_CLASSES).eval()
+    with torch.no_grad():
+        for height, width in [(65, 97), (64, 96), (33, 41)]:
+            logits = net(torch.randn(1, 3, height, width))
+            assert logits.shape == (1, NUM_CLASSES, math.ceil(height / 8), math.ceil(width / 8))
+
+
+def test_aspp_is_four_dilated_convs_initialised_as_reference(model):
+    convs = list(model.aspp.branches)
+    assert [c.dilation for c in convs] == [(6, 6), (12, 12), (18, 18), (24, 24)]
+    assert all(c.kernel_size == (3, 3) and c.padding == c.dilation for c in convs)
+    weights = torch.cat([c.weight.flatten() for c in convs])
+    assert abs(weights.std().item() - 0.01) < 0.001
+    assert all(torch.count_nonzero(c.bias) == 0 for c in convs)
+
+
+def test_msc_training_outputs_and_fusion(model):
+    msc = MSC(model, scales=(0.75, 0.5)).train()
+    x = torch.randn(2, 3, 65, 97)
+    with torch.no_grad():
+        outputs = msc(x)
+    # 65x97 -> 9x13; 0.75: 48x72 -> 6x9; 0.5: 32x48 -> 4x6.
+    assert [tuple(o.shape[2:]) for o in outputs] == [(9, 13), (6, 9), (4, 6), (9, 13)]
+    resized = [F.interpolate(o, size=(9, 13), mode="bilinear", align_corners=False) for o in outputs[1:3]]
+    expected_max = torch.stack([outputs[0], *resized]).amax(0)
+    assert torch.allclose(outputs[-1], expected_max)
+    assert torch.allclose(outputs[0], model(x), atol=1e-5)
+
+    msc.resize_scaled_outputs = True
+    with torch.no_grad():
+        same_size = msc(x)
+    assert all(o.shape == (2, NUM_CLASSES, 9, 13) for o in same_size)
+    assert torch.equal(same_size[-1], torch.stack(same_size[:-1]).amax(0))
+
+    msc.eval()
+    with torch.no_grad():
+        fused = msc(x)
+    assert isinstance(fused, torch.Tensor) and torch.allclose(fused, outputs[-1], atol=1e-5)
+    msc.train()
+
+
+def test_batchnorm_frozen_in_train_mode(model):
+    msc = MSC(model).train()
+    assert model.training and model.aspp.training
+    norms = batchnorms(model)
+    assert norms and not any(m.training for m in norms)
+    assert not any(p.requires_grad for m in norms for p in m.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    msc(torch.randn(2, 3, 33, 33) * 5 + 3)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# --- checkpoints ---------------------------------------------------------------
+
+def test_checkpoint_round_trip_project_formats(model, tmp_path):
+    path = tmp_path / "deeplab.pth"
+    torch.save({"model": MSC(model).state_dict(), "step": 3}, path)  # wrapped, "base." keys
+    for target in (DeepLabV2("resnet18", num_classes=NUM_CLASSES), MSC(DeepLabV2("resnet18", num_classes=NUM_CLASSES))):
+        missing, unexpected = load_deeplab_checkpoint(target, path)
+        assert missing == [] and unexpected == []
+        base = target.base if isinstance(target, MSC) else target
+        for key, value in model.state_dict().items():
+            assert torch.equal(base.state_dict()[key], value), key
+
+
+def test_checkpoint_plain_backbone_reports_missing_head(model, tmp_path):
+    path = tmp_path / "resnet18.pth"
+    backbone_state = dict(model.backbone.state_dict(), **{"fc.weight": torch.zeros(1000, 512)})
+    torch.save(backbone_state, path)
+    fresh = DeepLabV2("resnet18", num_classes=NUM_CLASSES)
+    missing, unexpected = load_deeplab_checkpoint(fresh, path)
+    assert missing == sorted(k for k in fresh.state_dict() if k.startswith("aspp."))
+    assert unexpected == ["backbone.fc.weight"]
+    assert torch.equal(fresh.backbone.conv1.weight, model.backbone.conv1.weight)
+
+
+def test_checkpoint_other_class_count_skips_head_and_bad_files_fail(model, tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(DeepLabV2("resnet18", num_classes=3).state_dict(), path)
+    missing, unexpected = load_deeplab_checkpoint(DeepLabV2("resnet18", num_classes=NUM_CLASSES), path)
+    head = sorted(k for k in model.state_dict() if k.startswith("aspp."))
+    assert missing == head and unexpected == head
+    with pytest.raises(PipelineError, match="not found"):
+        load_deeplab_checkpoint(model, tmp_path / "absent.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(PipelineError, match="cannot read"):
+        load_deeplab_checkpoint(model, tmp_path / "junk.pth")
+
+
+# --- optimisation ------------------------------------------------------------------
+
+def test_param_groups_cover_each_trainable_parameter_once(model):
+    groups = param_groups(MSC(model), base_lr=0.01, weight_decay=5e-4)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"backbone", "aspp_weight", "aspp_bias"}
+    ids = [id(p) for g in groups for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(ids) == len(set(ids)) == len(trainable)
+    assert set(ids) == {id(p) for p in trainable}
+    expected = {"backbone": (1.0, 5e-4), "aspp_weight": (10.0, 5e-4), "aspp_bias": (20.0, 0.0)}
+    for name, (mult, decay) in expected.items():
+        assert by_name[name]["lr_mult"] == mult and by_name[name]["weight_decay"] == decay
+        assert by_name[name]["lr"] == pytest.approx(0.01 * mult)
+    assert {id(p) for p in by_name["aspp_bias"]["params"]} == {id(c.bias) for c in model.aspp.branches}
+    assert {id(p) for p in by_name["aspp_weight"]["params"]} == {id(c.weight) for c in model.aspp.branches}
+
+
+def test_poly_lr_values_and_optimizer_update(model):
+    assert poly_lr(0.01, 0, 100) == pytest.approx(0.01)
+    assert poly_lr(0.01, 100, 100) == 0.0
+    assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.535887, rel=1e-5)  # 0.5 ** 0.9
+    assert poly_lr(0.01, 75, 100, power=1.0) == pytest.approx(0.0025)
+    assert poly_lr(0.01, 150, 100) == 0.0
+    optimizer = torch.optim.SGD(param_groups(model, 0.01, 5e-4), lr=0.01, momentum=0.9)
+    set_poly_lr(optimizer, 0.01, 50, 100, 0.9)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    base = 0.01 * 0.535887
+    assert lrs["backbone"] == pytest.approx(base, rel=1e-5)
+    assert lrs["aspp_weight"] == pytest.approx(10 * base, rel=1e-5)
+    assert lrs["aspp_bias"] == pytest.approx(20 * base, rel=1e-5)
+
+
+# --- loss --------------------------------------------------------------------------
+
+def test_msc_loss_hand_computed_2x2():
+    logits = torch.tensor([[[[2.0, 0.0], [1.0, 0.5]],
+                            [[0.0, 1.0], [3.0, 0.5]]]])  # (1, 2, 2, 2)
+    labels = torch.tensor([[[0, 1], [255, 1]]])
+
+    def nll(scores, target):
+        return -(scores[target] - math.log(sum(math.exp(s) for s in scores)))
+
+    expected = (nll([2.0, 0.0], 0) + nll([0.0, 1.0], 1) + nll([0.5, 0.5], 1)) / 3
+    assert msc_loss([logits], labels).item() == pytest.approx(expected, rel=1e-6)
+    assert msc_loss([logits, logits * 0], labels).item() == pytest.approx(expected + math.log(2), rel=1e-6)
+
+
+def test_msc_loss_ignores_255_pixels():
+    torch.manual_seed(0)
+    labels = torch.randint(0, NUM_CLASSES, (2, 8, 8))
+    labels[:, :3] = 255
+    outputs = [torch.randn(2, NUM_CLASSES, 8, 8, requires_grad=True), torch.randn(2, NUM_CLASSES, 8, 8)]
+    loss = msc_loss(outputs, labels)
+    changed = [o.detach().clone() for o in outputs]
+    for o in changed:
+        o[:, :, :3] = torch.randn_like(o[:, :, :3]) * 10
+    assert msc_loss(changed, labels).item() == pytest.approx(loss.item(), rel=1e-6)
+    loss.backward()
+    assert torch.count_nonzero(outputs[0].grad[:, :, :3]) == 0
+    all_ignored = torch.full((2, 8, 8), 255)
+    empty = msc_loss(outputs, all_ignored)
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+@pytest.mark.parametrize("size_in,size_out", [((321, 321), (41, 41)), ((321, 240), (31, 41)), ((65, 97), (9, 13)),
+                                              ((5, 7), (12, 9))])
+def test_label_resize_matches_reference_pil_nearest(size_in, size_out):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 21, size_in).astype(np.float32)
+    reference = np.asarray(Image.fromarray(labels).resize(size_out[::-1], resample=Image.NEAREST))
+    ours = resize_labels(torch.from_numpy(labels).long()[None], size_out)[0].numpy()
+    assert np.array_equal(ours, reference)
+
+
+def test_msc_loss_resizes_labels_to_each_output():
+    labels = torch.randint(0, NUM_CLASSES, (1, 16, 16))
+    small = torch.randn(1, NUM_CLASSES, 4, 4)
+    expected = F.cross_entropy(small, labels[:, 2::4, 2::4])  # pixel centres of 4x4 cells
+    assert msc_loss([small], labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# --- augmentation ------------------------------------------------------------------
+
+COLOURS = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20], [20, 230, 230]], np.uint8)
+
+
+def coloured_scene(height=60, width=90):
+    """Label from position (not mirror-symmetric), image colour from label."""
+    y, x = np.mgrid[:height, :width]
+    label = ((x // 11) + 2 * (y // 13)) % len(COLOURS)
+    label[:9, :14] = 4
+    return COLOURS[label], label.astype(np.uint8)
+
+
+def test_random_scale_crop_keeps_image_and_label_aligned():
+    image, label = coloured_scene()
+    for seed in range(12):
+        out_image, out_label = random_scale_crop(image, label, crop=41, rng=np.random.default_rng(seed))
+        assert out_image.shape == (41, 41, 3) and out_label.shape == (41, 41)
+        assert out_image.dtype == np.uint8 and out_label.dtype == np.uint8
+        assert out_image.flags.c_contiguous and out_label.flags.c_contiguous
+        # Away from label edges, where bilinear blends colours (the crop's border counts as an
+        # edge: the next label is unseen), the colour must be the label's.
+        padded = np.pad(out_label, 1, constant_values=254)
+        interior = np.ones_like(out_label, dtype=bool)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                interior &= padded[dy:dy + 41, dx:dx + 41] == out_label
+        interior &= out_label != 255
+        assert interior.sum() > 100
+        error = np.abs(out_image[interior].astype(int) - COLOURS[out_label[interior]].astype(int)).max()
+        assert error <= 1, f"seed {seed}: image and label misaligned"
+
+
+def test_random_scale_crop_pads_label_with_255_and_image_with_mean():
+    image, label = coloured_scene(20, 30)
+    for seed in range(4):
+        out_image, out_label = random_scale_crop(image, label, crop=41, scale_range=(1.0, 1.0),
+                                                 rng=np.random.default_rng(seed), pad_rgb=(124, 116, 104))
+        pad = out_label == 255
+        assert pad.sum() == 41 * 41 - 20 * 30
+        assert (out_image[pad] == (124, 116, 104)).all()
+    _, half = random_scale_crop(image, label, crop=41, scale_choices=(0.5,), rng=np.random.default_rng(0))
+    assert (half != 255).sum() == 10 * 15
+    with pytest.raises(ValueError, match="label"):
+        random_scale_crop(image, label[:, :-1], crop=41)
