@@ -20,7 +20,7 @@ def create_timm_model(name: str, pretrained: bool | str = False, **kwargs) -> to
     `pretrained` True downloads timm's weights; a string is a local checkpoint
     loaded non-strictly (a report of missing / unexpected keys is logged).
     """
-    if name not in timm.list_models() and not timm.is_model(name):
+    if not timm.is_model(name):
         raise PipelineError(f"unknown timm model name: {name!r}")
     if isinstance(pretrained, str) and pretrained.lower() in ("true", "false"):
         pretrained = pretrained.lower() == "true"
