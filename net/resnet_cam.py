@@ -10,6 +10,10 @@ Training recipe carried over from IRNet / CRT:
 - Logits are the spatial mean of the raw CAM, which equals IRNet's
   classifier(global average of the features) since the classifier is linear.
 
+`freeze_bn=False` and `freeze_early_stages=False` train every layer and the
+BatchNorm statistics: only for random-init backbones (the CPU demo), where frozen
+random statistics and frozen random early stages leave little to learn with.
+
 Two points where the reference code differs from timm's defaults are options:
 - `bn_affine_trainable`: the reference (IRNet/CRT `FixedBatchNorm`) freezes the
   running statistics of every BatchNorm but trains the affine weight and bias of
@@ -41,6 +45,8 @@ class ResNetCAM(nn.Module):
         output_stride: int = 16,
         bn_affine_trainable: bool = False,
         dilate_last_stage: bool = True,
+        freeze_bn: bool = True,
+        freeze_early_stages: bool = True,
     ):
         super().__init__()
         if output_stride not in (8, 16, 32):
@@ -56,11 +62,12 @@ class ResNetCAM(nn.Module):
         self.output_stride = output_stride
         self.classifier = nn.Conv2d(self.backbone.num_features, num_classes, kernel_size=1, bias=False)
 
-        frozen = [getattr(self.backbone, name) for name in _STEM + ("layer1", "layer2")]
+        self.freeze_bn, self.freeze_early_stages = freeze_bn, freeze_early_stages
+        frozen = [getattr(self.backbone, name) for name in _STEM + ("layer1", "layer2")] if freeze_early_stages else []
         for module in frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
-        if not bn_affine_trainable:
+        if freeze_bn and not bn_affine_trainable:
             for module in self.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     for p in module.parameters():
@@ -72,7 +79,7 @@ class ResNetCAM(nn.Module):
         b = self.backbone
         x = b.maxpool(b.act1(b.bn1(b.conv1(x))))
         x = b.layer2(b.layer1(x))
-        if stop_gradient:
+        if stop_gradient and self.freeze_early_stages:
             x = x.detach()
         return b.layer4(b.layer3(x))
 
@@ -93,6 +100,8 @@ class ResNetCAM(nn.Module):
 
     def train(self, mode: bool = True) -> "ResNetCAM":
         super().train(mode)
+        if not self.freeze_bn:
+            return self
         for module in self.backbone.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()

@@ -46,6 +46,10 @@ class CNNBranchConfig:
     backbone: str = "resnet152"
     pretrained: Union[bool, str] = True
     output_stride: int = 16
+    # The reference freezes BatchNorm and the stem/layer1/layer2 of its ImageNet backbone;
+    # switch both off only for random-init backbones (the CPU demo).
+    freeze_bn: bool = True
+    freeze_early_stages: bool = True
 
 
 @dataclass
@@ -66,6 +70,7 @@ class TrainCamConfig:
     batch_size: int = 16
     crop_size: int = 336
     resize_long: list[int] = field(default_factory=lambda: [210, 420])
+    optimizer: Literal["sgd", "adamw"] = "sgd"   # CRT: SGD; AdamW helps random-init ViTs (demo)
     lr: float = 0.1
     head_lr_mult: float = 10.0
     # The reference passes weight decay into SGD's momentum slot, so it trains

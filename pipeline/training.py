@@ -27,6 +27,13 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max
     return lr
 
 
+def make_optimizer(kind: str, groups: list[dict], lr: float, momentum: float, weight_decay: float):
+    """SGD (the references' choice) or AdamW; groups may carry `lr_mult` and their own weight decay."""
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 def load_resume_checkpoint(path: Path, fingerprint: str, resume: bool, device) -> dict | None:
     """The training checkpoint at `path` if it was written under the same fingerprint."""
     if not resume or not path.exists():

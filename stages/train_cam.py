@@ -15,14 +15,15 @@ import torch.nn.functional as F
 
 from pipeline import artifacts
 from pipeline.transforms import ClassificationDataset, make_loader, set_epoch
-from pipeline.training import ddp, load_resume_checkpoint, save_model, set_poly_lr, unwrap
+from pipeline.training import ddp, load_resume_checkpoint, make_optimizer, save_model, set_poly_lr, unwrap
 
 log = logging.getLogger("wsss")
 
 
 def cnn_model_args(section, num_classes: int) -> dict:
     return {"backbone": section.cnn.backbone, "num_classes": num_classes,
-            "pretrained": section.cnn.pretrained, "output_stride": section.cnn.output_stride}
+            "pretrained": section.cnn.pretrained, "output_stride": section.cnn.output_stride,
+            "freeze_bn": section.cnn.freeze_bn, "freeze_early_stages": section.cnn.freeze_early_stages}
 
 
 def vit_model_args(section, num_classes: int) -> dict:
@@ -117,8 +118,8 @@ def run(ctx) -> dict:
         val_loader = make_loader(val_set, section.batch_size, runtime, 0, shuffle=False, seed=ctx.seed,
                                  drop_last=False)
 
-    optimizer = torch.optim.SGD(_param_groups(model, section), lr=section.lr, momentum=section.momentum,
-                                weight_decay=section.weight_decay)
+    optimizer = make_optimizer(section.optimizer, _param_groups(model, section), section.lr, section.momentum,
+                               section.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=section.amp and runtime.device.type == "cuda")
     steps_per_epoch = len(loader)
     max_steps = section.epochs * steps_per_epoch

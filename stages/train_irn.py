@@ -63,13 +63,8 @@ def batch_pair_labels(labels: torch.Tensor, radius: int, device) -> dict[str, to
     return {k: torch.from_numpy(np.stack([p[k] for p in per_image])).to(device) for k in per_image[0]}
 
 
-def total_loss(losses: dict) -> torch.Tensor:
-    positive = losses["bg_pos"] / 2 + losses["fg_pos"] / 2
-    return (positive + losses["neg"]) / 2 + (losses["dp_fg"] + losses["dp_bg"]) / 2
-
-
 def run(ctx) -> dict:
-    from net.irn import irn_losses
+    from net.irn import irn_losses, irn_total_loss
 
     section, data, runtime = ctx.section, ctx.data, ctx.runtime
     dataset = ctx.dataset
@@ -113,7 +108,7 @@ def run(ctx) -> dict:
             pairs = batch_pair_labels(labels, section.radius, runtime.device)
             boundary, displacement = trainer(images)
             losses = irn_losses(boundary, displacement, pairs, section.radius)
-            loss = total_loss(losses)
+            loss = irn_total_loss(losses)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
