@@ -166,8 +166,8 @@ def report(
 @app.command("demo-data")
 def demo_data(
     out: Path = typer.Option(..., "--out", help="Folder to write (the VOC2012-like root, or the COCO root)."),
-    train: int = typer.Option(64, "--train", help="Number of training images."),
-    val: int = typer.Option(24, "--val", help="Number of validation images."),
+    train: int = typer.Option(160, "--train", help="Number of training images."),
+    val: int = typer.Option(32, "--val", help="Number of validation images."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
     layout: str = typer.Option("voc", "--layout", help="voc or coco."),
 ):

@@ -154,15 +154,19 @@ class EvalSemSegConfig:
 @dataclass
 class MakeInsSegConfig:
     enabled: bool = False
+    radius: int = 5
     beta: float = 10.0
     exp_times: int = 8
     ins_seg_bg_thres: float = 0.25
+    min_fragment_fraction: float = 0.01  # pieces under this share of the image score 0 (IRNet)
 
 
 @dataclass
 class EvalInsSegConfig:
     enabled: bool = False
     iou_threshold: float = 0.5
+    use_07_metric: bool = False   # False: all-points interpolated AP (VOC 2010+, chainercv default); True: 11-point
+    exclude_void: bool = False    # True: drop void (255) pixels from every IoU; False counts them (reference)
 
 
 @dataclass
@@ -170,6 +174,7 @@ class TrainDeeplabConfig:
     enabled: bool = True
     backbone: str = "resnet101"
     pretrained: Union[bool, str] = True
+    init_from_cam: bool = False   # as train_irn.init_from_cam (the CPU demo)
     iterations: int = 20000
     batch_size: int = 5
     accumulation: int = 2
@@ -248,15 +253,16 @@ _non_negative = lambda v: v >= 0  # noqa: E731
 _unit = lambda v: 0.0 <= v <= 1.0  # noqa: E731
 _rule("train_cam.epochs train_cam.batch_size train_cam.crop_size train_cam.lr train_cam.vit.window "
       "train_cam.vit.recurrence train_irn.radius train_irn.crop_size train_irn.batch_size train_irn.epochs "
-      "train_irn.lr make_sem_seg.radius train_deeplab.iterations train_deeplab.batch_size "
+      "train_irn.lr make_sem_seg.radius make_ins_seg.radius train_deeplab.iterations train_deeplab.batch_size "
       "train_deeplab.accumulation train_deeplab.crop_size train_deeplab.lr train_deeplab.checkpoint_every "
       "train_deeplab.log_every crf.iters cam_to_ir_label.crf_iters", _positive, "must be > 0")
-_rule("make_sem_seg.exp_times train_cam.cam_lambda train_cam.weight_decay train_cam.momentum "
+_rule("make_sem_seg.exp_times make_ins_seg.exp_times train_cam.cam_lambda train_cam.weight_decay train_cam.momentum "
       "train_cam.consistency_start_epoch train_irn.weight_decay train_deeplab.weight_decay "
       "train_cam.num_workers make_cam.num_workers train_irn.num_workers make_sem_seg.num_workers "
       "train_deeplab.num_workers cam_to_ir_label.num_workers crf.num_workers", _non_negative, "must be >= 0")
 _rule("eval_cam.threshold cam_to_ir_label.conf_fg_thres cam_to_ir_label.conf_bg_thres cam_to_ir_label.crf_gt_prob "
-      "make_sem_seg.sem_seg_bg_thres make_ins_seg.ins_seg_bg_thres eval_ins_seg.iou_threshold", _unit,
+      "make_sem_seg.sem_seg_bg_thres make_ins_seg.ins_seg_bg_thres make_ins_seg.min_fragment_fraction "
+      "eval_ins_seg.iou_threshold", _unit,
       "must be within [0, 1]")
 _rule("make_cam.scales train_deeplab.msc_scales", lambda v: len(v) > 0 and all(s > 0 for s in v),
       "must be a non-empty list of positive numbers")

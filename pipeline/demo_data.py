@@ -183,20 +183,24 @@ _Pattern = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 class _Kind:
     parts: Callable[[np.random.Generator], list[_Part]]
     pattern: _Pattern
-    hue_centre: float  # degrees; instances draw hue_centre +- 90, so classes overlap
+    hue_centre: float  # degrees; instances draw hue_centre +- _HUE_SPREAD: a cue, not an answer
     max_rotation: float  # degrees
 
 
 _KIND_SPECS = {
-    "plane": _Kind(_plane_parts, lambda u, v, p: _stripes(u, v, 4.0, 90.0, p), 210.0, 40.0),
-    "bird": _Kind(_bird_parts, lambda u, v, p: _dots(u, v, 7.0, 1.9, p), 40.0, 25.0),
+    "plane": _Kind(_plane_parts, lambda u, v, p: _stripes(u, v, 4.0, 90.0, p), 220.0, 40.0),
+    "bird": _Kind(_bird_parts, lambda u, v, p: _dots(u, v, 7.0, 1.9, p), 120.0, 25.0),
     "car": _Kind(_car_parts, lambda u, v, p: _checker(u, v, 9.0, p), 0.0, 8.0),
-    "cat": _Kind(_cat_parts, lambda u, v, p: _stripes(u, v, 10.0, 65.0, p), 30.0, 15.0),
-    "person": _Kind(_person_parts, lambda u, v, p: _blotches(u, v, 2.2, p), 300.0, 10.0),
+    "cat": _Kind(_cat_parts, lambda u, v, p: _stripes(u, v, 10.0, 65.0, p), 45.0, 15.0),
+    "person": _Kind(_person_parts, lambda u, v, p: _blotches(u, v, 2.2, p), 290.0, 10.0),
 }
 
 _ROLE_ORDER = ("body", "key", "dark", "glass")  # later roles paint over earlier ones
-_ROLE_CONTRAST = {"body": 0.3, "key": 1.0, "dark": 0.8, "glass": 0.15}
+# Hue ranges of neighbouring classes overlap a little, and the background draws from the
+# whole wheel, so colour narrows the class down without giving it (tiny random-init
+# networks on a CPU budget need some easy signal to learn from at all).
+_HUE_SPREAD = 35.0
+_ROLE_CONTRAST = {"body": 0.45, "key": 1.0, "dark": 0.8, "glass": 0.15}
 
 
 # --------------------------------------------------------------------------- drawing
@@ -309,7 +313,7 @@ def _object_colours(rng: np.random.Generator, kind: str, image: np.ndarray, mask
     around = image[ring] if ring.any() else image.reshape(-1, 3)
     best, best_distance = None, -1.0
     for _ in range(16):
-        h = _KIND_SPECS[kind].hue_centre + rng.uniform(-90, 90)
+        h = _KIND_SPECS[kind].hue_centre + rng.uniform(-_HUE_SPREAD, _HUE_SPREAD)
         s = rng.uniform(0.25, 0.9)
         v = rng.uniform(0.35, 0.95)
         first = _hsv(h, s, v)
@@ -464,7 +468,7 @@ def _prepare_output(out: Path) -> None:
                             "choose an empty or new folder")
 
 
-def generate_demo_data(out, n_train: int = 64, n_val: int = 24, seed: int = 0, layout: str = "voc") -> dict:
+def generate_demo_data(out, n_train: int = 160, n_val: int = 32, seed: int = 0, layout: str = "voc") -> dict:
     """Write a synthetic data set in the VOC 2012 (`out` is the VOC2012 folder)
     or the VOC-style COCO 2014 layout, and return a summary of it.
 

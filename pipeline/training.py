@@ -73,3 +73,21 @@ def load_model_file(path: Path, device) -> dict:
 
         raise PipelineError(f"{path} is not a model file written by this toolkit (no model_args/state_dict)")
     return state
+
+
+def copy_backbone_from_cam(backbone: torch.nn.Module, cam_file: Path, device) -> int:
+    """Copy this run's CAM CNN backbone weights (sess/<run>/cam_cnn.pth) into `backbone` (same timm
+    architecture). For runs without ImageNet weights (the CPU demo): a random backbone, frozen or
+    trained briefly, sees little; the CAM branch has learnt this data's appearance. Returns the count."""
+    from pipeline.errors import PipelineError
+
+    state = load_model_file(cam_file, device)["state_dict"]
+    target = backbone.state_dict()
+    copied = {key[len("backbone."):]: value for key, value in state.items()
+              if key.startswith("backbone.") and key[len("backbone."):] in target
+              and target[key[len("backbone."):]].shape == value.shape}
+    if not copied:
+        raise PipelineError(f"init_from_cam: no backbone tensor of {cam_file} fits this backbone (same name needed)")
+    backbone.load_state_dict(copied, strict=False)
+    log.info("backbone initialised from %s (%d of %d tensors)", cam_file, len(copied), len(target))
+    return len(copied)

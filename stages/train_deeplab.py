@@ -15,7 +15,7 @@ import torch
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
-from pipeline.training import ddp, load_resume_checkpoint, save_model, set_poly_lr, unwrap
+from pipeline.training import copy_backbone_from_cam, ddp, load_resume_checkpoint, save_model, set_poly_lr, unwrap
 from pipeline.transforms import SegmentationCropDataset, make_loader, set_epoch
 from stages.make_sem_seg import sem_seg_path
 
@@ -59,6 +59,8 @@ def run(ctx) -> dict:
         raise PipelineError(f"train_deeplab: {len(missing)} pseudo label(s) missing, e.g. {sem_seg_path(ctx, missing[0])}")
     args = model_args(section, len(dataset.class_names))
     model = build_deeplab(args).to(runtime.device)
+    if section.init_from_cam:
+        copy_backbone_from_cam(model.base.backbone, ctx.sess("cam_cnn.pth"), runtime.device)
     train_set = SegmentationCropDataset(dataset, ids, lambda i: sem_seg_path(ctx, i), section.crop_size,
                                         section.scale_range, data.mean, data.std, seed=ctx.seed)
     loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed)

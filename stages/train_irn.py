@@ -15,7 +15,7 @@ import torch
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
-from pipeline.training import ddp, load_resume_checkpoint, save_model, set_poly_lr, unwrap
+from pipeline.training import copy_backbone_from_cam, ddp, load_resume_checkpoint, save_model, set_poly_lr, unwrap
 from pipeline.transforms import SegmentationCropDataset, make_loader, set_epoch
 from stages.cam_to_ir_label import ir_label_path
 
@@ -30,24 +30,6 @@ def build_irn(args: dict):
     from net.irn import IRNet
 
     return IRNet(**args)
-
-
-def init_backbone_from_cam(model, cam_file, device) -> int:
-    """Copy the CAM CNN branch's backbone weights into the IRN backbone (same architecture):
-    for runs without ImageNet weights (the CPU demo), where a random frozen backbone sees little."""
-    from pipeline.training import load_model_file
-
-    state = load_model_file(cam_file, device)["state_dict"]
-    target = model.backbone.state_dict()
-    copied = {}
-    for key, value in state.items():
-        short = key.split("backbone.", 1)[-1] if key.startswith("backbone.") else None
-        if short is not None and short in target and target[short].shape == value.shape:
-            copied[short] = value
-    if not copied:
-        raise PipelineError(f"train_irn.init_from_cam: no backbone tensor of {cam_file} fits the IRN backbone")
-    model.backbone.load_state_dict(copied, strict=False)
-    return len(copied)
 
 
 def stride4_label(label: np.ndarray) -> np.ndarray:
@@ -77,7 +59,7 @@ def run(ctx) -> dict:
     args = model_args(section)
     model = build_irn(args).to(runtime.device)
     if section.init_from_cam:
-        n = init_backbone_from_cam(model, ctx.sess("cam_cnn.pth"), runtime.device)
+        n = copy_backbone_from_cam(model.backbone, ctx.sess("cam_cnn.pth"), runtime.device)
         log.info("train_irn: backbone initialised from the CAM CNN branch (%d tensors)", n)
     train_set = SegmentationCropDataset(dataset, ids, lambda i: ir_label_path(ctx, i), section.crop_size,
                                         section.rescale, data.mean, data.std, seed=ctx.seed)

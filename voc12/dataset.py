@@ -4,6 +4,9 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
+
+from pipeline import artifacts
 from pipeline.classes import VOC_CLASSES
 from pipeline.data import SegmentationDataset, read_list_file
 from pipeline.errors import PipelineError
@@ -40,6 +43,16 @@ class VOC12Dataset(SegmentationDataset):
         if official.exists():
             return official
         return self.root / "SegmentationClassAug" / f"{image_id}.png"
+
+    def instance_mask_path(self, image_id: str) -> Path:
+        """SegmentationObject PNG: instance index 1..n per pixel, 0 background, 255 void."""
+        return self.root / "SegmentationObject" / f"{image_id}.png"
+
+    def load_instance_mask(self, image_id: str) -> np.ndarray:
+        path = self.instance_mask_path(image_id)
+        if not path.exists():
+            raise PipelineError(f"instance ground truth missing: {path} (SegmentationObject is needed by eval_ins_seg)")
+        return artifacts.load_label_png(path)
 
     def annotation_path(self, image_id: str) -> Path:
         return self.root / "Annotations" / f"{image_id}.xml"
