@@ -27,6 +27,15 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max
     return lr
 
 
+def check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
+    """Stop at the first non-finite loss instead of training on garbage for hours."""
+    if not torch.isfinite(loss).all():
+        from pipeline.errors import PipelineError
+
+        raise PipelineError(f"{stage}: the loss became {float(loss)} at step {step}; training diverged. "
+                            f"Lower {stage}.lr (or switch on amp only on CUDA) and re-run the stage.")
+
+
 def make_optimizer(kind: str, groups: list[dict], lr: float, momentum: float, weight_decay: float):
     """SGD (the references' choice) or AdamW; groups may carry `lr_mult` and their own weight decay."""
     if kind == "adamw":

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from pipeline import artifacts
 from pipeline.transforms import ClassificationDataset, make_loader, set_epoch
-from pipeline.training import ddp, load_resume_checkpoint, make_optimizer, save_model, set_poly_lr, unwrap
+from pipeline.training import check_finite, ddp, load_resume_checkpoint, make_optimizer, save_model, set_poly_lr, unwrap
 
 log = logging.getLogger("wsss")
 
@@ -147,6 +147,7 @@ def run(ctx) -> dict:
                 logits_cnn, cam_cnn, logits_vit, cam_vit = trainer(images)
             losses = cotraining_loss(logits_cnn.float(), logits_vit.float(), cam_cnn.float(), cam_vit.float(),
                                      targets, images.shape[-2:], section.cam_lambda, consistency_on)
+            check_finite(losses["loss"], "train_cam", step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["loss"]).backward()
             scaler.step(optimizer)

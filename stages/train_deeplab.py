@@ -15,7 +15,7 @@ import torch
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
-from pipeline.training import copy_backbone_from_cam, ddp, load_resume_checkpoint, save_model, set_poly_lr, unwrap
+from pipeline.training import check_finite, copy_backbone_from_cam, ddp, load_resume_checkpoint, save_model, set_poly_lr, unwrap
 from pipeline.transforms import SegmentationCropDataset, make_loader, set_epoch
 from stages.make_sem_seg import sem_seg_path
 
@@ -97,6 +97,7 @@ def run(ctx) -> dict:
             with runtime.autocast(section.amp):
                 outputs = trainer(images)
             loss = msc_loss([o.float() for o in outputs], labels) / section.accumulation
+            check_finite(loss, "train_deeplab", iteration)
             scaler.scale(loss).backward()
             loss_value += float(loss)
             seen += images.shape[0]

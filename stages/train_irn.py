@@ -15,7 +15,7 @@ import torch
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
-from pipeline.training import copy_backbone_from_cam, ddp, load_resume_checkpoint, save_model, set_poly_lr, unwrap
+from pipeline.training import check_finite, copy_backbone_from_cam, ddp, load_resume_checkpoint, save_model, set_poly_lr, unwrap
 from pipeline.transforms import SegmentationCropDataset, make_loader, set_epoch
 from stages.cam_to_ir_label import ir_label_path
 
@@ -91,6 +91,7 @@ def run(ctx) -> dict:
             boundary, displacement = trainer(images)
             losses = irn_losses(boundary, displacement, pairs, section.radius)
             loss = irn_total_loss(losses)
+            check_finite(loss, "train_irn", epoch * len(loader) + it)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
