@@ -393,22 +393,32 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def _read_yaml_tree(path: Path, seen: tuple = ()) -> dict:
+    """A YAML config as plain data; `base: other.yaml` (relative to this file) is read first and
+    this file's keys are merged over it, so a variant states only what differs."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"config key 'base' in {path}: expected a file name, got {base!r}")
+    return _deep_merge(_read_yaml_tree(path.parent / base, seen + (path.resolve(),)), loaded)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load YAML (optional) over the defaults, apply `--set` overrides, validate."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        tree = loaded
+    tree = _read_yaml_tree(Path(path)) if path is not None else {}
     tree = apply_overrides(tree, overrides or [])
     return _build(Config, tree)
 

@@ -81,3 +81,25 @@ def test_shipped_configs_validate():
     assert (voc.train_deeplab.backbone, voc.train_deeplab.iterations, voc.train_deeplab.batch_size,
             voc.train_deeplab.accumulation, voc.train_deeplab.crop_size, voc.train_deeplab.lr) == (
         "resnet101", 20000, 5, 2, 321, 2.5e-4)
+
+
+def test_base_include_merges_and_detects_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"run_name": "a", "train_cam": {"epochs": 3, "lr": 0.5}}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base": "a.yaml", "train_cam": {"epochs": 4}}))
+    cfg = load_config(tmp_path / "b.yaml")
+    assert cfg.run_name == "a" and cfg.train_cam.epochs == 4 and cfg.train_cam.lr == 0.5
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": "d.yaml"}))
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"base": "c.yaml"}))
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_coco_configs():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    coco = load_config(root / "coco.yaml")
+    assert coco.data.dataset == "coco" and coco.data.train_split == "train2014"
+    assert coco.train_cam.crop_size == 336 and coco.train_deeplab.iterations == 100000
+    demo = load_config(root / "demo_coco.yaml")
+    assert demo.data.dataset == "coco" and demo.train_cam.cnn.backbone == load_config(root / "demo.yaml").train_cam.cnn.backbone

@@ -236,3 +236,25 @@ def test_two_rank_make_cam_matches_one_rank(tiny_run):
         np.testing.assert_allclose(a["cam"].astype(np.float32), b["cam"].astype(np.float32), atol=2e-3)
         assert np.abs(a["high_res"].astype(int) - b["high_res"].astype(int)).max() <= 1
     assert manifest(base / "result" / "ddp", "make_cam")["outputs"]["images"] == 8
+
+
+def test_coco_layout_end_to_end(tmp_path):
+    data = tmp_path / "coco"
+    cli("demo-data", "--out", data, "--train", 6, "--val", 3, "--seed", 5, "--layout", "coco")
+    cfg = tiny_config(data, tmp_path, run_name="coco")
+    cfg["data"].update(dataset="coco", train_split="train2014", infer_split="train2014", eval_split="train2014",
+                       val_split="val2014")
+    cfg["make_ins_seg"]["enabled"] = cfg["eval_ins_seg"]["enabled"] = False
+    config = tmp_path / "coco.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    cli("run", "--config", config)
+    result = tmp_path / "result" / "coco"
+    for stage in ("eval_cam", "eval_sem_seg", "test_deeplab", "crf"):
+        record = json.loads((result / "metrics" / f"{stage}.json").read_text())
+        assert record["n_images"] in (6, 3)
+        assert set(record["per_class_iou"]) <= set(__import__("pipeline.classes", fromlist=["x"]).COCO_CLASSES)
+    # 81 output classes for COCO: logits carry background + 80
+    logit = np.load(next((result / "deeplab" / "logit").glob("*.npz")))["logit"]
+    assert logit.shape[0] == 81
+    cam = np.load(next((result / "cam").glob("COCO_train2014_*.npz")))
+    assert cam["keys"].max() < 80
