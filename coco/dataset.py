@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import artifacts
 from pipeline.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 from pipeline.data import SegmentationDataset, read_list_file
 from pipeline.errors import PipelineError

@@ -13,7 +13,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, TypeVar
+from typing import Any, Iterable, Sequence, TypeVar
 
 import numpy as np
 
@@ -25,7 +25,7 @@ log = logging.getLogger("wsss")
 
 @dataclass
 class Runtime:
-    device: "torch.device"  # noqa: F821
+    device: Any  # a torch.device
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0

@@ -43,14 +43,17 @@ def make_optimizer(kind: str, groups: list[dict], lr: float, momentum: float, we
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def load_resume_checkpoint(path: Path, fingerprint: str, resume: bool, device) -> dict | None:
-    """The training checkpoint at `path` if it was written under the same fingerprint."""
+def resume_training(path: Path, fingerprint: str, resume: bool, model, optimizer, device) -> dict | None:
+    """Restore `model` and `optimizer` from the training checkpoint at `path` when it was written
+    under the same fingerprint (same config and upstream); returns the checkpoint, or None."""
     if not resume or not path.exists():
         return None
     state = artifacts.load_torch(path, map_location=device)
     if state.get("fingerprint") != fingerprint:
         log.info("ignoring checkpoint %s from a different config", path)
         return None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
     log.info("resuming from %s", path)
     return state
 

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from pipeline import artifacts
 from pipeline.errors import PipelineError
 from pipeline.runtime import progress
-from stages.make_cam import cam_path, read_cam
-from stages.make_sem_seg import boundary_map, load_irn
+from stages.make_sem_seg import load_irn, walk_inputs
 
 log = logging.getLogger("wsss")
 
@@ -131,12 +130,7 @@ def run(ctx) -> dict:
     model = _KeepDisplacement(load_irn(ctx)) if todo else None
     detections = 0
     for image_id in progress(todo, "make_ins_seg", enabled=runtime.is_main):
-        image = dataset.load_image(image_id)
-        cam = read_cam(cam_path(ctx, image_id))
-        boundary = boundary_map(model, image, data.mean, data.std, ctx.device)
-        if cam["cam"].shape[1:] != boundary.shape:
-            raise PipelineError(f"make_ins_seg: CAM of {image_id} is {cam['cam'].shape[1:]} at stride 4, the boundary "
-                                f"map is {boundary.shape}: CAMs from another image size?")
+        image, cam, boundary = walk_inputs(ctx, model, image_id)
         detected = instance_detections(cam["cam"], cam["keys"], boundary, model.displacement, image.shape[:2],
                                        radius=section.radius, beta=section.beta, exp_times=section.exp_times,
                                        bg_threshold=section.ins_seg_bg_thres,

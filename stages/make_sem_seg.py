@@ -49,6 +49,17 @@ def boundary_map(model, image: np.ndarray, mean, std, device) -> np.ndarray:
     return torch.sigmoid(logits[0, 0] / 2 + logits[1, 0].flip(-1) / 2).cpu().numpy()
 
 
+def walk_inputs(ctx, model, image_id: str) -> tuple[np.ndarray, dict, np.ndarray]:
+    """The image, its CAM artifact and its boundary map, checked to share the stride-4 grid."""
+    image = ctx.dataset.load_image(image_id)
+    cam = read_cam(cam_path(ctx, image_id))
+    boundary = boundary_map(model, image, ctx.data.mean, ctx.data.std, ctx.device)
+    if cam["cam"].shape[1:] != boundary.shape:
+        raise PipelineError(f"{ctx.name}: CAM of {image_id} is {cam['cam'].shape[1:]} at stride 4, the boundary "
+                            f"map is {boundary.shape}: CAMs from another image size?")
+    return image, cam, boundary
+
+
 def walk_to_labels(walked: np.ndarray, keys: np.ndarray, image_hw, bg_threshold: float) -> np.ndarray:
     """(K, h, w) propagated CAMs -> (H, W) label ids: ×4 upsampling, crop, global max, background plane."""
     h, w = image_hw
@@ -72,12 +83,7 @@ def run(ctx) -> dict:
     log.info("make_sem_seg: %d images (%d to compute on this rank)", len(ids), len(todo))
     model = load_irn(ctx) if todo else None
     for image_id in progress(todo, "make_sem_seg", enabled=runtime.is_main):
-        image = dataset.load_image(image_id)
-        cam = read_cam(cam_path(ctx, image_id))
-        boundary = boundary_map(model, image, data.mean, data.std, ctx.device)
-        if cam["cam"].shape[1:] != boundary.shape:
-            raise PipelineError(f"make_sem_seg: CAM of {image_id} is {cam['cam'].shape[1:]} at stride 4, the boundary "
-                                f"map is {boundary.shape}: CAMs from another image size?")
+        image, cam, boundary = walk_inputs(ctx, model, image_id)
         walked = random_walk(cam["cam"], boundary, radius=section.radius, beta=section.beta,
                              exp_times=section.exp_times) if len(cam["keys"]) else cam["cam"]
         label = walk_to_labels(np.asarray(walked), cam["keys"], image.shape[:2], section.sem_seg_bg_thres)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from pipeline import artifacts
 from pipeline.transforms import ClassificationDataset, make_loader, set_epoch
-from pipeline.training import check_finite, ddp, load_resume_checkpoint, make_optimizer, save_model, set_poly_lr, unwrap
+from pipeline.training import check_finite, ddp, make_optimizer, resume_training, save_model, set_poly_lr, unwrap
 
 log = logging.getLogger("wsss")
 
@@ -125,10 +125,8 @@ def run(ctx) -> dict:
     max_steps = section.epochs * steps_per_epoch
     ckpt_path = ctx.sess("train_cam_ckpt.pth")
     start_epoch, history = 0, []
-    state = load_resume_checkpoint(ckpt_path, ctx.fingerprint, ctx.resume, runtime.device)
+    state = resume_training(ckpt_path, ctx.fingerprint, ctx.resume, model, optimizer, runtime.device)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         log.info("train_cam: resuming at epoch %d/%d", start_epoch + 1, section.epochs)
     trainer = ddp(model, runtime)

@@ -15,7 +15,7 @@ import torch
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
-from pipeline.training import check_finite, copy_backbone_from_cam, ddp, load_resume_checkpoint, save_model, set_poly_lr, unwrap
+from pipeline.training import check_finite, copy_backbone_from_cam, ddp, resume_training, save_model, set_poly_lr, unwrap
 from pipeline.transforms import SegmentationCropDataset, make_loader, set_epoch
 from stages.make_sem_seg import sem_seg_path
 
@@ -69,10 +69,8 @@ def run(ctx) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=section.amp and runtime.device.type == "cuda")
     ckpt_path = ctx.sess("train_deeplab_ckpt.pth")
     start, history = 0, []
-    state = load_resume_checkpoint(ckpt_path, ctx.fingerprint, ctx.resume, runtime.device)
+    state = resume_training(ckpt_path, ctx.fingerprint, ctx.resume, model, optimizer, runtime.device)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         start, history = state["iteration"], state["history"]
         log.info("train_deeplab: resuming at iteration %d/%d", start, section.iterations)
     trainer = ddp(model, runtime)

@@ -15,7 +15,7 @@ import torch
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
-from pipeline.training import check_finite, copy_backbone_from_cam, ddp, load_resume_checkpoint, save_model, set_poly_lr, unwrap
+from pipeline.training import check_finite, copy_backbone_from_cam, ddp, resume_training, save_model, set_poly_lr, unwrap
 from pipeline.transforms import SegmentationCropDataset, make_loader, set_epoch
 from stages.cam_to_ir_label import ir_label_path
 
@@ -72,10 +72,8 @@ def run(ctx) -> dict:
     max_steps = section.epochs * len(loader)
     ckpt_path = ctx.sess("train_irn_ckpt.pth")
     start_epoch, history = 0, []
-    state = load_resume_checkpoint(ckpt_path, ctx.fingerprint, ctx.resume, runtime.device)
+    state = resume_training(ckpt_path, ctx.fingerprint, ctx.resume, model, optimizer, runtime.device)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
     trainer = ddp(model, runtime)
     keys = ("bg_pos", "fg_pos", "neg", "dp_fg", "dp_bg")

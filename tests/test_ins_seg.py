@@ -1,6 +1,5 @@
 """make_ins_seg / eval_ins_seg: AP against hand-worked cases, matching, the artifact format,
 the detection core on a synthetic displacement field, and both stages on a tiny VOC folder."""
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
