@@ -79,6 +79,7 @@ def run(ctx) -> dict:
     if not runtime.is_main or not dataset.has_masks(split):
         if runtime.is_main:
             log.info("crf: split '%s' has no ground-truth masks: labels written, no metric computed", split)
+            (ctx.result_dir / "metrics" / "crf.json").unlink(missing_ok=True)  # an older split's figure
         return summary
     conf = evaluate_label_files(dataset, ids, lambda i: crf_path(ctx.result_dir, i), "crf eval")
     record = metric_record(conf, dataset.class_names, len(ids), split=split)

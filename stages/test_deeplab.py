@@ -97,6 +97,7 @@ def run(ctx) -> dict:
         return summary
     if not dataset.has_masks(split):
         log.info("test_deeplab: split '%s' has no ground-truth masks: predictions written, no metric computed", split)
+        (ctx.result_dir / "metrics" / "test_deeplab.json").unlink(missing_ok=True)  # an older split's figure
         return summary
     conf = evaluate_label_files(dataset, ids, lambda i: pred_path(ctx.result_dir, i), "test_deeplab eval")
     record = metric_record(conf, dataset.class_names, len(ids), split=split)

@@ -258,3 +258,23 @@ def test_coco_layout_end_to_end(tmp_path):
     assert logit.shape[0] == 81
     cam = np.load(next((result / "cam").glob("COCO_train2014_*.npz")))
     assert cam["keys"].max() < 80
+
+
+def test_test_deeplab_on_a_split_without_ground_truth(tiny_run):
+    base, config, result, _ = tiny_run
+    root = base / "VOC2012"
+    val_id = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
+    shutil.copy(root / "JPEGImages" / f"{val_id}.jpg", root / "JPEGImages" / "2099_000001.jpg")
+    (root / "ImageSets" / "Segmentation" / "test.txt").write_text("2099_000001\n")
+    # a run of its own, from the state after the first full run (earlier tests made it stale)
+    shutil.copytree(base / "manifests_after_first_run", base / "result" / "nogt" / "manifests")
+    shutil.copytree(base / "sess" / "tiny", base / "sess" / "nogt")
+    (base / "result" / "nogt" / "metrics").mkdir()
+    (base / "result" / "nogt" / "metrics" / "test_deeplab.json").write_text("{}")
+    sets = ["--set", "test_deeplab.split=test", "--set", "run_name=nogt"]
+    out = cli("stage", "test_deeplab", "--config", config, *sets).stdout
+    assert "no ground-truth masks" in out
+    nogt = base / "result" / "nogt"
+    assert (nogt / "deeplab" / "pred" / "2099_000001.png").exists()
+    assert "miou" not in manifest(nogt, "test_deeplab")["metrics"]
+    assert not (nogt / "metrics" / "test_deeplab.json").exists()  # no figure from another split left behind

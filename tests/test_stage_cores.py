@@ -88,3 +88,14 @@ def test_upsampled_probs_are_a_distribution():
     np.testing.assert_allclose(probs.sum(0), 1.0, rtol=1e-5)
     one = upsampled_probs(logit[:1], (6, 10))
     np.testing.assert_allclose(one, 1.0)
+
+
+def test_deeplab_logits_round_trip(tmp_path):
+    from stages.test_deeplab import read_logits, save_logits
+
+    logit = torch.randn(21, 5, 7) * 4
+    save_logits(tmp_path / "x.npz", logit, (37, 51))
+    back, size = read_logits(tmp_path / "x.npz")
+    assert size == (37, 51) and back.dtype == np.float32
+    np.testing.assert_allclose(back, logit.numpy(), atol=4e-3)  # float16 storage
+    assert (back.argmax(0) == logit.numpy().argmax(0)).mean() > 0.99
