@@ -80,3 +80,11 @@ def evaluate_label_files(dataset, ids, path_of, stage: str) -> np.ndarray:
             raise PipelineError(f"{stage}: {path} is {pred.shape}, ground truth is {gt.shape}")
         conf += confusion_matrix(pred, gt, n_labels)
     return conf
+
+
+def evaluate_and_write(result_dir: Path, dataset, ids, path_of, stage: str, **extra) -> dict:
+    """Score the label PNGs of `ids` against the ground truth, write metrics/<stage>.json, print the table."""
+    conf = evaluate_label_files(dataset, ids, path_of, stage)
+    record = metric_record(conf, dataset.class_names, len(ids), **extra)
+    write_metrics(result_dir, stage, record)
+    return record

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
-from pipeline.metrics import evaluate_label_files, metric_record, write_metrics
+from pipeline.metrics import evaluate_and_write
 from pipeline.parallel import parallel_map
 from stages.test_deeplab import logit_path, read_logits
 
@@ -81,8 +81,6 @@ def run(ctx) -> dict:
             log.info("crf: split '%s' has no ground-truth masks: labels written, no metric computed", split)
             (ctx.result_dir / "metrics" / "crf.json").unlink(missing_ok=True)  # an older split's figure
         return summary
-    conf = evaluate_label_files(dataset, ids, lambda i: crf_path(ctx.result_dir, i), "crf eval")
-    record = metric_record(conf, dataset.class_names, len(ids), split=split)
-    write_metrics(ctx.result_dir, "crf", record)
+    record = evaluate_and_write(ctx.result_dir, dataset, ids, lambda i: crf_path(ctx.result_dir, i), "crf", split=split)
     summary["metrics"] = {"miou": record["miou"]}
     return summary

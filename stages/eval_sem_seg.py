@@ -3,7 +3,7 @@ Writes result/<run>/metrics/eval_sem_seg.json (same format as eval_cam)."""
 from __future__ import annotations
 
 from pipeline.errors import PipelineError
-from pipeline.metrics import evaluate_label_files, metric_record, write_metrics
+from pipeline.metrics import evaluate_and_write
 from stages.make_sem_seg import sem_seg_path
 
 
@@ -14,7 +14,5 @@ def run(ctx) -> dict:
     if not ctx.runtime.is_main:
         return {}
     ids = dataset.ids(split)
-    conf = evaluate_label_files(dataset, ids, lambda i: sem_seg_path(ctx, i), "eval_sem_seg")
-    record = metric_record(conf, dataset.class_names, len(ids))
-    write_metrics(ctx.result_dir, "eval_sem_seg", record)
+    record = evaluate_and_write(ctx.result_dir, dataset, ids, lambda i: sem_seg_path(ctx, i), "eval_sem_seg")
     return {"metrics": {"miou": record["miou"]}}

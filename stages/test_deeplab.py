@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
-from pipeline.metrics import evaluate_label_files, metric_record, write_metrics
+from pipeline.metrics import evaluate_and_write
 from pipeline.runtime import progress
 from pipeline.training import load_model_file
 from pipeline.transforms import normalize, to_tensor
@@ -99,8 +99,7 @@ def run(ctx) -> dict:
         log.info("test_deeplab: split '%s' has no ground-truth masks: predictions written, no metric computed", split)
         (ctx.result_dir / "metrics" / "test_deeplab.json").unlink(missing_ok=True)  # an older split's figure
         return summary
-    conf = evaluate_label_files(dataset, ids, lambda i: pred_path(ctx.result_dir, i), "test_deeplab eval")
-    record = metric_record(conf, dataset.class_names, len(ids), split=split)
-    write_metrics(ctx.result_dir, "test_deeplab", record)
+    record = evaluate_and_write(ctx.result_dir, dataset, ids, lambda i: pred_path(ctx.result_dir, i), "test_deeplab",
+                                split=split)
     summary["metrics"] = {"miou": record["miou"]}
     return summary
