@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.backbone import create_timm_model
+from pipeline.backbone import create_timm_model, read_state_dict
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -118,15 +118,6 @@ class MSC(nn.Module):
         return [logits, *(resized if self.resize_scaled_outputs else scaled), fused]
 
 
-def _unwrap_state_dict(state) -> dict:
-    for key in ("state_dict", "model", "model_state"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise PipelineError("the checkpoint holds no state dict")
-    return state
-
-
 def load_deeplab_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
     """Load weights into a DeepLabV2 or MSC non-strictly; returns (missing,
     unexpected) key lists, named as in `model`, and logs them.
@@ -139,13 +130,7 @@ def load_deeplab_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[st
     model's (another number of classes) are skipped and reported as unexpected.
     """
     file = Path(path)
-    if not file.is_file():
-        raise PipelineError(f"DeepLab checkpoint not found: {file}")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PipelineError(f"cannot read DeepLab checkpoint {file}: {e}") from None
-    state = _unwrap_state_dict(state)
+    state = read_state_dict(file, "DeepLab checkpoint")
 
     normalised = {}
     for key, value in state.items():

@@ -30,18 +30,29 @@ def create_timm_model(name: str, pretrained: bool | str = False, **kwargs) -> to
     return model
 
 
-def load_local_weights(model: torch.nn.Module, path: str, prefix_strip: tuple[str, ...] = ("module.", "model.")) -> tuple[list[str], list[str]]:
-    """Load a local checkpoint non-strictly into `model`; returns (missing, unexpected)."""
+def read_state_dict(path: str | Path, what: str) -> dict:
+    """The state dict in a local weights file (pickle-free load), unwrapped from a
+    "state_dict" / "model" / "model_state" key if it sits under one. `what` names
+    the file in errors ("pretrained weights", "DeepLab checkpoint")."""
     file = Path(path)
     if not file.is_file():
-        raise PipelineError(f"pretrained weights file not found: {file}")
+        raise PipelineError(f"{what} file not found: {file}")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PipelineError(f"cannot read pretrained weights {file}: {e}") from None
+    except Exception as e:  # torch raises many types for a bad file
+        raise PipelineError(f"cannot read {what} {file}: {e}") from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise PipelineError(f"{what} {file} holds no state dict")
+    return state
+
+
+def load_local_weights(model: torch.nn.Module, path: str, prefix_strip: tuple[str, ...] = ("module.", "model.")) -> tuple[list[str], list[str]]:
+    """Load a local checkpoint non-strictly into `model`; returns (missing, unexpected)."""
+    file = Path(path)
+    state = read_state_dict(file, "pretrained weights")
     cleaned = {}
     for k, v in state.items():
         for p in prefix_strip:
