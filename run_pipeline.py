@@ -6,7 +6,8 @@
     python run_pipeline.py export --config configs/voc12.yaml --dest DIR [--copy]
     python run_pipeline.py report --config configs/voc12.yaml [--n-images N]
     python run_pipeline.py demo-data --out DIR [--train N] [--val N] [--seed S] [--layout voc|coco]
-    python run_pipeline.py demo
+    python run_pipeline.py demo [--config configs/demo.yaml]
+The method (config key `method`, default crt) gives the stage list; `status` shows it.
 Multi-GPU: torchrun --nproc_per_node=N run_pipeline.py run --config ...
 """
 from __future__ import annotations
@@ -29,36 +30,37 @@ ConfigOpt = typer.Option(..., "--config", "-c", help="YAML config file.")
 SetOpt = typer.Option(None, "--set", help="Override a config key: --set train_cam.epochs=5 (repeatable).")
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+def _fail(error) -> None:
+    """One line on stderr and exit 2 (130 for an interruption)."""
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(code=getattr(error, "exit_code", 2))
 
 
 def _setup(config: Path, overrides: list[str] | None):
     from pipeline.config import load_config
-    from pipeline.runtime import init_runtime, seed_everything, setup_logging
+    from pipeline.runtime import init_runtime, setup_logging
 
     cfg = load_config(config, overrides or [])
     runtime = init_runtime(cfg.device)
     setup_logging(cfg.result_dir / "logs", runtime.rank)
-    seed_everything(cfg.seed + runtime.rank)
     log.info("run '%s' on %s (rank %d of %d)", cfg.run_name, runtime.device, runtime.rank, runtime.world_size)
     return cfg, runtime
 
 
 def _run(config: Path, overrides, only=(), skip=(), from_stage=None, to_stage=None, force=False, force_names=()):
-    from pipeline.runner import run_pipeline, select_stages
+    from pipeline.runner import RunLock, run_pipeline, select_stages
     from pipeline.runtime import shutdown_runtime
 
     try:
         cfg, runtime = _setup(config, overrides)
         plan = select_stages(cfg, only=only, skip=skip, from_stage=from_stage, to_stage=to_stage)
-        log.info("plan: %s", " -> ".join(s.name for s in plan))
-        run_pipeline(cfg, runtime, plan, force=force, force_names=force_names)
+        log.info("method %s, plan: %s", cfg.method, " -> ".join(s.name for s in plan))
+        with RunLock(cfg, runtime):
+            run_pipeline(cfg, runtime, plan, force=force, force_names=force_names, explicit=tuple(only))
         if runtime.is_main:
             _print_status(cfg, runtime)
     except PipelineError as e:
-        _fail(str(e))
+        _fail(e)
     finally:
         shutdown_runtime()
 
@@ -88,13 +90,13 @@ def stage(
 
 
 def _print_status(cfg, runtime=None) -> None:
-    from pipeline.runner import stage_status
-    from pipeline.stage import STAGE_NAMES
+    from pipeline.runner import Fingerprints, stage_status
 
-    typer.echo(f"run '{cfg.run_name}'  ({cfg.result_dir})")
+    prints = Fingerprints(cfg)
+    typer.echo(f"run '{cfg.run_name}', method {cfg.method}  ({cfg.result_dir})")
     typer.echo(f"  {'stage':<17}{'state':<17}{'time':>9}  metric")
-    for name in STAGE_NAMES:
-        st = stage_status(cfg, name, runtime)
+    for name in prints.method.stage_names:
+        st = stage_status(cfg, name, runtime, prints)
         manifest = st.manifest or {}
         wall = manifest.get("wall_time_s")
         metric = manifest.get("metrics", {})
@@ -115,7 +117,7 @@ def status(config: Path = ConfigOpt, set_: Optional[List[str]] = SetOpt):
         cfg = load_config(config, set_ or [])
         _print_status(cfg, init_runtime("cpu"))
     except PipelineError as e:
-        _fail(str(e))
+        _fail(e)
 
 
 @app.command()
@@ -128,16 +130,19 @@ def export(
     """Export the pseudo labels (make_sem_seg) as DEST/pseudo_seg_labels/ plus DEST/pseudo_seg_labels.txt."""
     from pipeline.config import load_config
     from pipeline.export import export_pseudo_labels
+    from pipeline.runner import RunLock
     from pipeline.runtime import init_runtime, setup_logging
 
     try:
         cfg = load_config(config, set_ or [])
         setup_logging(None)
-        summary = export_pseudo_labels(cfg, init_runtime("cpu"), dest, copy=copy)
+        runtime = init_runtime("cpu")
+        with RunLock(cfg, runtime):
+            summary = export_pseudo_labels(cfg, runtime, dest, copy=copy)
         typer.echo(f"exported {summary['n_images']} pseudo labels to {summary['labels_dir']} "
                    f"(list: {summary['list_file']}, {'copied' if copy else 'symlinked'})")
     except PipelineError as e:
-        _fail(str(e))
+        _fail(e)
 
 
 @app.command()
@@ -150,17 +155,15 @@ def report(
     from pipeline.config import load_config
     from pipeline.runtime import setup_logging
 
-    try:
-        from pipeline.report import write_report
-    except ImportError:
-        _fail("the report command is not implemented yet in this version of the toolkit")
+    from report.page import write_report
+
     try:
         cfg = load_config(config, set_ or [])
         setup_logging(None)
         path = write_report(cfg, n_images=n_images)
         typer.echo(f"report written: {path}")
     except PipelineError as e:
-        _fail(str(e))
+        _fail(e)
 
 
 @app.command("demo-data")
@@ -174,7 +177,7 @@ def demo_data(
     """Generate the synthetic demo data set (VOC or COCO layout)."""
     import time
 
-    from pipeline.demo_data import generate_demo_data
+    from dataset.demo import generate_demo_data
 
     try:
         t0 = time.time()
@@ -182,7 +185,7 @@ def demo_data(
         typer.echo(f"wrote {summary.get('n_train', train)} train + {summary.get('n_val', val)} val images "
                    f"({layout} layout) to {out} in {time.time() - t0:.1f} s")
     except PipelineError as e:
-        _fail(str(e))
+        _fail(e)
 
 
 @app.command()
@@ -192,7 +195,7 @@ def demo(
 ):
     """Generate the synthetic demo data if absent, then run the whole pipeline on the CPU."""
     from pipeline.config import load_config
-    from pipeline.demo_data import generate_demo_data
+    from dataset.demo import generate_demo_data
 
     try:
         cfg = load_config(config, set_ or [])
@@ -202,7 +205,7 @@ def demo(
             layout = "coco" if cfg.data.dataset == "coco" else "voc"
             generate_demo_data(root, seed=cfg.seed, layout=layout)
     except PipelineError as e:
-        _fail(str(e))
+        _fail(e)
     _run(config, set_)
 
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.backbone import create_timm_model, read_state_dict
-from pipeline.errors import PipelineError
+from net.backbone import create_timm_model, load_non_strict, read_state_dict, strip_prefixes
+from net.registry import register_model
 
 log = logging.getLogger(__name__)
 
@@ -129,32 +129,20 @@ def load_deeplab_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[st
     unexpected and the ASPP as missing). Tensors whose shape differs from the
     model's (another number of classes) are skipped and reported as unexpected.
     """
-    file = Path(path)
-    state = read_state_dict(file, "DeepLab checkpoint")
-
-    normalised = {}
-    for key, value in state.items():
-        for prefix in ("module.", "base."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        normalised[key] = value
-    if not any(key.startswith(("backbone.", "aspp.")) for key in normalised):
-        normalised = {f"backbone.{key}": value for key, value in normalised.items()}
+    state = strip_prefixes(read_state_dict(path, "DeepLab checkpoint"), ("module.", "base."))
+    if not any(key.startswith(("backbone.", "aspp.")) for key in state):
+        state = {f"backbone.{key}": value for key, value in state.items()}
     if isinstance(model, MSC):
-        normalised = {f"base.{key}": value for key, value in normalised.items()}
+        state = {f"base.{key}": value for key, value in state.items()}
+    return load_non_strict(model, state, path)
 
-    own = model.state_dict()
-    compatible = {k: v for k, v in normalised.items() if k in own and own[k].shape == v.shape}
-    if not compatible:
-        raise PipelineError(f"no tensor in {file} matches the DeepLab model: wrong backbone or wrong file?")
-    # BatchNorm's batch counter is unused (statistics are frozen) and absent from many files.
-    missing = sorted(k for k in set(own) - set(compatible) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(normalised) - set(compatible))
-    model.load_state_dict(compatible, strict=False)
-    log.info("loaded %s: %d tensors, %d missing, %d unexpected or mismatched",
-             file, len(compatible), len(missing), len(unexpected))
-    if missing:
-        log.info("missing keys (first 10): %s", missing[:10])
-    if unexpected:
-        log.info("unexpected keys (first 10): %s", unexpected[:10])
-    return missing, unexpected
+
+@register_model("deeplab")
+def build_deeplab(backbone: str = "resnet101", num_classes: int = 21, pretrained: bool | str = False,
+                  msc_scales=(0.75, 0.5)) -> MSC:
+    """MSC(DeepLabV2). `pretrained` may be a local file: a DeepLab checkpoint or backbone weights."""
+    local = isinstance(pretrained, str) and pretrained.lower() not in ("true", "false")
+    base = DeepLabV2(backbone, num_classes=num_classes, pretrained=False if local else pretrained)
+    if local:
+        load_deeplab_checkpoint(base, pretrained)
+    return MSC(base, scales=tuple(msc_scales))

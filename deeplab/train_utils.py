@@ -1,4 +1,4 @@
-"""DeepLabv2 training helpers: optimiser parameter groups, the poly learning rate,
+"""DeepLabv2 training helpers: optimiser parameter groups,
 the multi-scale loss and the scale / crop / flip augmentation."""
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from pipeline.training import poly_lr, set_poly_lr  # noqa: F401  (one implementation, re-exported)
 
 IGNORE_INDEX = 255
 # ImageNet mean of RGB in 0..255: padding with it gives ~0 after the network's

@@ -45,7 +45,8 @@ from torch import Tensor, nn
 
 from net.affinity import pair_offsets, path_max_boundary
 from net.resnet_cam import _undilate
-from pipeline.backbone import create_timm_model
+from net.backbone import create_timm_model
+from net.registry import register_model
 from pipeline.errors import PipelineError
 
 _STEM = ("conv1", "bn1", "act1", "maxpool")
@@ -90,6 +91,7 @@ class _RunningMeanCentering(nn.Module):
         return x - self.running_mean.view(1, -1, 1, 1)
 
 
+@register_model("irn")
 class IRNet(nn.Module):
     def __init__(self, backbone: str = "resnet50", pretrained: bool | str = False, dilate_last_stage: bool = True):
         super().__init__()
@@ -214,3 +216,27 @@ def irn_total_loss(losses: dict[str, Tensor]) -> Tensor:
     """The reference's weighting: (bg_pos/2 + fg_pos/2 + neg)/2 + (dp_fg + dp_bg)/2."""
     affinity = (losses["bg_pos"] / 2 + losses["fg_pos"] / 2 + losses["neg"]) / 2
     return affinity + (losses["dp_fg"] + losses["dp_bg"]) / 2
+
+
+@torch.no_grad()
+def boundary_and_displacement(model: IRNet, image, mean, std, device) -> tuple:
+    """IRN inference on one uint8 image: the boundary probability (⌈H/4⌉, ⌈W/4⌉) from the image
+    and its mirror image (logits averaged, the mirror's flipped back), and the image's own
+    displacement field (2, ⌈H/4⌉, ⌈W/4⌉) (the reference ignores the mirrored one, whose dx
+    would need a sign flip). Both as numpy arrays."""
+    import numpy as np
+
+    from pipeline.transforms import normalize, to_tensor
+
+    x = normalize(image, mean, std)
+    batch = torch.stack([to_tensor(x), to_tensor(np.ascontiguousarray(x[:, ::-1]))]).to(device)
+    logits, displacement = model(batch)
+    boundary = torch.sigmoid(logits[0, 0] / 2 + logits[1, 0].flip(-1) / 2)
+    return boundary.cpu().numpy(), displacement[0].cpu().numpy()
+
+
+def check_same_grid(stage: str, image_id: str, cam: dict, boundary) -> None:
+    """The CAM artifact and the IRN's boundary map must share the stride-4 grid."""
+    if cam["cam"].shape[1:] != boundary.shape:
+        raise PipelineError(f"{stage}: CAM of {image_id} is {cam['cam'].shape[1:]} at stride 4, the boundary "
+                            f"map is {boundary.shape}: CAMs from another image size?")

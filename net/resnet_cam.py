@@ -29,13 +29,15 @@ from __future__ import annotations
 from timm.layers import AvgPool2dSame
 from torch import Tensor, nn
 
-from pipeline.backbone import create_timm_model
+from net.backbone import create_timm_model
+from net.registry import register_model
 from pipeline.errors import PipelineError
 
 _STEM = ("conv1", "bn1", "act1", "maxpool")
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
+@register_model("resnet_cam")
 class ResNetCAM(nn.Module):
     def __init__(
         self,

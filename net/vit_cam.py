@@ -40,7 +40,8 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from pipeline.backbone import create_timm_model
+from net.backbone import create_timm_model
+from net.registry import register_model
 from pipeline.errors import PipelineError
 
 
@@ -140,6 +141,7 @@ def block_forward_with_attention(block: Block, x: Tensor) -> tuple[Tensor, Tenso
     return x, weights
 
 
+@register_model("vit_cam")
 class ViTCAM(nn.Module):
     def __init__(
         self,

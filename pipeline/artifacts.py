@@ -16,6 +16,28 @@ from PIL import Image
 from pipeline.errors import PipelineError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def clean_stale_temporaries(*folders: Path) -> int:
+    """Remove the temporaries an interrupted writer left (`.<name>.<random>.tmp`); returns the count.
+    Call only while holding the run's lock, so no live writer's file is removed."""
+    count = 0
+    for folder in folders:
+        if Path(folder).is_dir():
+            for tmp in Path(folder).rglob(".*.tmp"):
+                if tmp.is_file() or tmp.is_symlink():
+                    tmp.unlink(missing_ok=True)
+                    count += 1
+    return count
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` on success.
@@ -29,6 +51,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists() and not tmp_path.is_symlink():
+            # mkstemp makes 0600 files; artifacts are ordinary files, readable as the umask allows
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

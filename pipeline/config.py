@@ -26,26 +26,86 @@ class ConfigError(PipelineError):
 
 
 # ----------------------------------------------------------------------------- schema
-# Defaults are the reference CRT / IRNet / DeepLabv2 hyperparameters (SPEC.md),
-# so configs/voc12.yaml only needs paths; the demo config shrinks the models.
+# Defaults are the reference CRT / IRNet / DeepLabv2 hyperparameters (SPEC.md), so
+# configs/voc12.yaml only needs paths; the demo config shrinks the models. A field's value
+# check sits with the field (`checked(default, RULE)`) and is applied to every value, the
+# defaults included.
+
+Rule = tuple[typing.Callable[[Any], bool], str]
+POSITIVE: Rule = (lambda v: v > 0, "must be > 0")
+NON_NEGATIVE: Rule = (lambda v: v >= 0, "must be >= 0")
+UNIT: Rule = (lambda v: 0.0 <= v <= 1.0, "must be within [0, 1]")
+MOMENTUM: Rule = (lambda v: 0.0 <= v < 1.0, "must be within [0, 1)")
+SCALES: Rule = (lambda v: len(v) > 0 and all(s > 0 for s in v), "must be a non-empty list of positive numbers")
+RANGE: Rule = (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "must be [low, high] with 0 < low <= high")
+RGB: Rule = (lambda v: len(v) == 3, "must have 3 values (RGB)")
+NAME: Rule = (lambda v: v != "" and "/" not in v and "\\" not in v and v not in (".", ".."),
+              "must be a plain, non-empty folder name")
+
+
+def checked(default, rule: Rule | None = None):
+    """A dataclass field with its value check; lists, dicts and sections get a factory."""
+    metadata = {"check": rule} if rule else {}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=metadata)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: dataclasses.replace(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimiser block every training stage shares. lr(step) = lr × schedule(step) × the
+    parameter group's multiplier."""
+    kind: Literal["sgd", "adamw"] = "sgd"
+    lr: float = checked(0.1, POSITIVE)
+    # CRT/IRNet pass weight decay into SGD's momentum slot, so they train with momentum 1e-4:
+    # 1e-4 reproduces them, 0.9 is plain SGD. Unused by AdamW.
+    momentum: float = checked(1e-4, MOMENTUM)
+    weight_decay: float = checked(1e-4, NON_NEGATIVE)
+    schedule: Literal["poly", "warmup_poly", "warmup_cosine"] = "poly"
+    poly_power: float = checked(0.9, POSITIVE)
+    warmup_steps: int = checked(0, NON_NEGATIVE)
+    warmup_start: float = checked(1e-6, UNIT)    # lr factor at step 0 of the warm-up
+
+
+@dataclass
+class CrfParams:
+    """Dense-CRF parameters (pydensecrf): Gaussian and bilateral pairwise terms."""
+    iters: int = checked(10, POSITIVE)
+    gauss_sxy: float = checked(3.0, POSITIVE)
+    gauss_compat: float = checked(3.0, NON_NEGATIVE)
+    bilat_sxy: float = checked(50.0, POSITIVE)
+    bilat_srgb: float = checked(5.0, POSITIVE)
+    bilat_compat: float = checked(10.0, NON_NEGATIVE)
+
+
+@dataclass
+class RandomWalkParams:
+    """The IRN random walk: affinity (1 − max boundary on the path)^beta within `radius`,
+    propagated 2^exp_times times."""
+    radius: int = checked(5, POSITIVE)
+    beta: float = checked(10.0, POSITIVE)
+    exp_times: int = checked(8, NON_NEGATIVE)
+
 
 @dataclass
 class DataConfig:
-    dataset: Literal["voc12", "coco"] = "voc12"
+    dataset: str = "voc12"              # a registered layout: voc12, coco (see dataset/registry.py)
     root: str = "data/VOCdevkit/VOC2012"
     train_split: str = "train_aug"      # train_cam, train_irn
     infer_split: str = "train_aug"      # make_cam .. make_sem_seg, export, train_deeplab
     eval_split: str = "train"           # eval_cam, eval_sem_seg
     val_split: str = "val"              # test_deeplab, crf; validation loss of train_cam
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = checked([0.485, 0.456, 0.406], RGB)
+    std: list[float] = checked([0.229, 0.224, 0.225], RGB)
 
 
 @dataclass
 class CNNBranchConfig:
     backbone: str = "resnet152"
     pretrained: Union[bool, str] = True
-    output_stride: int = 16
+    output_stride: Literal[8, 16, 32] = 16
     # The reference freezes BatchNorm and the stem/layer1/layer2 of its ImageNet backbone;
     # switch both off only for random-init backbones (the CPU demo).
     freeze_bn: bool = True
@@ -56,32 +116,26 @@ class CNNBranchConfig:
 class ViTBranchConfig:
     name: str = "deit_small_patch16_224"
     pretrained: Union[bool, str] = True
-    window: int = 224
-    recurrence: int = 3
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    window: int = checked(224, POSITIVE)
+    recurrence: int = checked(3, POSITIVE)
+    model_kwargs: dict[str, Any] = checked({})
 
 
 @dataclass
 class TrainCamConfig:
     enabled: bool = True
-    cnn: CNNBranchConfig = field(default_factory=CNNBranchConfig)
-    vit: ViTBranchConfig = field(default_factory=ViTBranchConfig)
-    epochs: int = 10
-    batch_size: int = 16
-    crop_size: int = 336
-    resize_long: list[int] = field(default_factory=lambda: [210, 420])
-    optimizer: Literal["sgd", "adamw"] = "sgd"   # CRT: SGD; AdamW helps random-init ViTs (demo)
-    lr: float = 0.1
-    head_lr_mult: float = 10.0
-    # The reference passes weight decay into SGD's momentum slot, so it trains
-    # with momentum 1e-4; set 1e-4 to reproduce the paper, 0.9 for plain SGD.
-    momentum: float = 1e-4
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    cam_lambda: float = 0.1
-    consistency_start_epoch: int = 1   # 0-based: CRT switches it on from the second epoch
+    cnn: CNNBranchConfig = checked(CNNBranchConfig())
+    vit: ViTBranchConfig = checked(ViTBranchConfig())
+    epochs: int = checked(10, POSITIVE)
+    batch_size: int = checked(16, POSITIVE)       # global: split over the ranks under torchrun
+    crop_size: int = checked(336, POSITIVE)
+    resize_long: list[int] = checked([210, 420], RANGE)
+    optimizer: OptimizerConfig = checked(OptimizerConfig())   # CRT: SGD; AdamW helps random-init ViTs
+    head_lr_mult: float = checked(10.0, POSITIVE)
+    cam_lambda: float = checked(0.1, NON_NEGATIVE)
+    consistency_start_epoch: int = checked(1, NON_NEGATIVE)   # 0-based: CRT starts at the second epoch
     amp: bool = False
-    num_workers: int = 2
+    num_workers: int = checked(2, NON_NEGATIVE)
     validate: bool = True
 
 
@@ -89,30 +143,25 @@ class TrainCamConfig:
 class MakeCamConfig:
     enabled: bool = True
     cam_source: Literal["vit", "cnn", "fuse"] = "vit"
-    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0, 0.75, 1.25, 1.75])
-    num_workers: int = 2
+    scales: list[float] = checked([1.0, 0.5, 1.5, 2.0, 0.75, 1.25, 1.75], SCALES)
 
 
 @dataclass
 class EvalCamConfig:
     enabled: bool = True
-    threshold: float = 0.15
-    sweep: list[float] = field(default_factory=lambda: [0.05, 0.60, 0.05])   # start, stop (inclusive), step
+    threshold: float = checked(0.15, UNIT)
+    sweep: list[float] = checked([0.05, 0.60, 0.05], (lambda v: len(v) == 3 and v[0] <= v[1] and v[2] > 0,
+                                                       "must be [start, stop, step] with step > 0"))
 
 
 @dataclass
 class CamToIrLabelConfig:
     enabled: bool = True
-    conf_fg_thres: float = 0.35
-    conf_bg_thres: float = 0.15
-    crf_gt_prob: float = 0.7
-    crf_iters: int = 10
-    crf_gauss_sxy: float = 3
-    crf_gauss_compat: float = 3
-    crf_bilat_sxy: float = 50
-    crf_bilat_srgb: float = 5
-    crf_bilat_compat: float = 10
-    num_workers: int = 0   # 0 = every available core
+    conf_fg_thres: float = checked(0.35, UNIT)
+    conf_bg_thres: float = checked(0.15, UNIT)
+    gt_prob: float = checked(0.7, UNIT)          # confidence of the coarse labels in the CRF unary
+    crf: CrfParams = checked(CrfParams())
+    num_workers: int = checked(0, NON_NEGATIVE)   # 0 = every available core
 
 
 @dataclass
@@ -123,27 +172,21 @@ class TrainIrnConfig:
     # Start the (frozen) backbone from this run's CAM CNN branch instead of `pretrained`
     # weights: for runs without ImageNet weights (the CPU demo). Needs the same backbone name.
     init_from_cam: bool = False
-    radius: int = 10
-    crop_size: int = 512
-    rescale: list[float] = field(default_factory=lambda: [0.5, 1.5])
-    batch_size: int = 32
-    epochs: int = 3
-    lr: float = 0.1
-    displacement_lr_mult: float = 10.0
-    momentum: float = 1e-4   # as train_cam: the reference's effective momentum
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    num_workers: int = 2
+    radius: int = checked(10, POSITIVE)
+    crop_size: int = checked(512, POSITIVE)
+    rescale: list[float] = checked([0.5, 1.5], RANGE)
+    batch_size: int = checked(32, POSITIVE)
+    epochs: int = checked(3, POSITIVE)
+    optimizer: OptimizerConfig = checked(OptimizerConfig())
+    displacement_lr_mult: float = checked(10.0, POSITIVE)
+    num_workers: int = checked(2, NON_NEGATIVE)
 
 
 @dataclass
 class MakeSemSegConfig:
     enabled: bool = True
-    radius: int = 5
-    beta: float = 10.0
-    exp_times: int = 8
-    sem_seg_bg_thres: float = 0.25
-    num_workers: int = 2
+    walk: RandomWalkParams = checked(RandomWalkParams())
+    bg_threshold: float = checked(0.25, UNIT)
 
 
 @dataclass
@@ -154,17 +197,15 @@ class EvalSemSegConfig:
 @dataclass
 class MakeInsSegConfig:
     enabled: bool = False
-    radius: int = 5
-    beta: float = 10.0
-    exp_times: int = 8
-    ins_seg_bg_thres: float = 0.25
-    min_fragment_fraction: float = 0.01  # pieces under this share of the image score 0 (IRNet)
+    walk: RandomWalkParams = checked(RandomWalkParams())
+    bg_threshold: float = checked(0.25, UNIT)
+    min_fragment_fraction: float = checked(0.01, UNIT)  # pieces under this share of the image score 0 (IRNet)
 
 
 @dataclass
 class EvalInsSegConfig:
     enabled: bool = False
-    iou_threshold: float = 0.5
+    iou_threshold: float = checked(0.5, UNIT)
     use_07_metric: bool = False   # False: all-points interpolated AP (VOC 2010+, chainercv default); True: 11-point
     exclude_void: bool = False    # True: drop void (255) pixels from every IoU; False counts them (reference)
 
@@ -175,20 +216,17 @@ class TrainDeeplabConfig:
     backbone: str = "resnet101"
     pretrained: Union[bool, str] = True
     init_from_cam: bool = False   # as train_irn.init_from_cam (the CPU demo)
-    iterations: int = 20000
-    batch_size: int = 5
-    accumulation: int = 2
-    crop_size: int = 321
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
-    msc_scales: list[float] = field(default_factory=lambda: [0.75, 0.5])
-    lr: float = 2.5e-4
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    poly_power: float = 0.9
+    iterations: int = checked(20000, POSITIVE)
+    batch_size: int = checked(5, POSITIVE)        # global, per forward pass; × accumulation per step
+    accumulation: int = checked(2, POSITIVE)
+    crop_size: int = checked(321, POSITIVE)
+    scale_range: list[float] = checked([0.5, 1.5], RANGE)
+    msc_scales: list[float] = checked([0.75, 0.5], SCALES)
+    optimizer: OptimizerConfig = checked(OptimizerConfig(lr=2.5e-4, momentum=0.9, weight_decay=5e-4))
     amp: bool = False
-    checkpoint_every: int = 1000
-    log_every: int = 20
-    num_workers: int = 2
+    checkpoint_every: int = checked(1000, POSITIVE)
+    log_every: int = checked(20, POSITIVE)
+    num_workers: int = checked(2, NON_NEGATIVE)
 
 
 @dataclass
@@ -199,36 +237,37 @@ class TestDeeplabConfig:
 
 
 @dataclass
-class CrfConfig:
+class CrfConfig(CrfParams):
+    """The crf stage: the same keys as every CRF block, with DeepLab's post-processing values."""
     enabled: bool = True
-    iters: int = 10
-    gauss_sxy: float = 1
-    gauss_compat: float = 3
-    bilat_sxy: float = 67
-    bilat_srgb: float = 3
-    bilat_compat: float = 4
-    num_workers: int = 0
+    gauss_sxy: float = checked(1.0, POSITIVE)
+    gauss_compat: float = checked(3.0, NON_NEGATIVE)
+    bilat_sxy: float = checked(67.0, POSITIVE)
+    bilat_srgb: float = checked(3.0, POSITIVE)
+    bilat_compat: float = checked(4.0, NON_NEGATIVE)
+    num_workers: int = checked(0, NON_NEGATIVE)
 
 
 @dataclass
 class Config:
-    run_name: str = "default"
+    run_name: str = checked("default", NAME)
     work_dir: str = "."
+    method: str = "crt"              # a registered method: its stage list (pipeline/methods.py)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    train_cam: TrainCamConfig = field(default_factory=TrainCamConfig)
-    make_cam: MakeCamConfig = field(default_factory=MakeCamConfig)
-    eval_cam: EvalCamConfig = field(default_factory=EvalCamConfig)
-    cam_to_ir_label: CamToIrLabelConfig = field(default_factory=CamToIrLabelConfig)
-    train_irn: TrainIrnConfig = field(default_factory=TrainIrnConfig)
-    make_sem_seg: MakeSemSegConfig = field(default_factory=MakeSemSegConfig)
-    eval_sem_seg: EvalSemSegConfig = field(default_factory=EvalSemSegConfig)
-    make_ins_seg: MakeInsSegConfig = field(default_factory=MakeInsSegConfig)
-    eval_ins_seg: EvalInsSegConfig = field(default_factory=EvalInsSegConfig)
-    train_deeplab: TrainDeeplabConfig = field(default_factory=TrainDeeplabConfig)
-    test_deeplab: TestDeeplabConfig = field(default_factory=TestDeeplabConfig)
-    crf: CrfConfig = field(default_factory=CrfConfig)
+    seed: int = checked(0, NON_NEGATIVE)
+    data: DataConfig = checked(DataConfig())
+    train_cam: TrainCamConfig = checked(TrainCamConfig())
+    make_cam: MakeCamConfig = checked(MakeCamConfig())
+    eval_cam: EvalCamConfig = checked(EvalCamConfig())
+    cam_to_ir_label: CamToIrLabelConfig = checked(CamToIrLabelConfig())
+    train_irn: TrainIrnConfig = checked(TrainIrnConfig())
+    make_sem_seg: MakeSemSegConfig = checked(MakeSemSegConfig())
+    eval_sem_seg: EvalSemSegConfig = checked(EvalSemSegConfig())
+    make_ins_seg: MakeInsSegConfig = checked(MakeInsSegConfig())
+    eval_ins_seg: EvalInsSegConfig = checked(EvalInsSegConfig())
+    train_deeplab: TrainDeeplabConfig = checked(TrainDeeplabConfig())
+    test_deeplab: TestDeeplabConfig = checked(TestDeeplabConfig())
+    crf: CrfConfig = checked(CrfConfig())
 
     @property
     def result_dir(self) -> Path:
@@ -237,40 +276,6 @@ class Config:
     @property
     def sess_dir(self) -> Path:
         return Path(self.work_dir) / "sess" / self.run_name
-
-
-# Value checks beyond types: dotted key -> (predicate, message).
-_VALUE_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {}
-
-
-def _rule(keys: str, predicate, message: str) -> None:
-    for key in keys.split():
-        _VALUE_RULES[key] = (predicate, message)
-
-
-_positive = lambda v: v > 0  # noqa: E731
-_non_negative = lambda v: v >= 0  # noqa: E731
-_unit = lambda v: 0.0 <= v <= 1.0  # noqa: E731
-_rule("train_cam.epochs train_cam.batch_size train_cam.crop_size train_cam.lr train_cam.vit.window "
-      "train_cam.vit.recurrence train_irn.radius train_irn.crop_size train_irn.batch_size train_irn.epochs "
-      "train_irn.lr make_sem_seg.radius make_ins_seg.radius train_deeplab.iterations train_deeplab.batch_size "
-      "train_deeplab.accumulation train_deeplab.crop_size train_deeplab.lr train_deeplab.checkpoint_every "
-      "train_deeplab.log_every crf.iters cam_to_ir_label.crf_iters", _positive, "must be > 0")
-_rule("make_sem_seg.exp_times make_ins_seg.exp_times train_cam.cam_lambda train_cam.weight_decay train_cam.momentum "
-      "train_cam.consistency_start_epoch train_irn.weight_decay train_deeplab.weight_decay "
-      "train_cam.num_workers make_cam.num_workers train_irn.num_workers make_sem_seg.num_workers "
-      "train_deeplab.num_workers cam_to_ir_label.num_workers crf.num_workers", _non_negative, "must be >= 0")
-_rule("eval_cam.threshold cam_to_ir_label.conf_fg_thres cam_to_ir_label.conf_bg_thres cam_to_ir_label.crf_gt_prob "
-      "make_sem_seg.sem_seg_bg_thres make_ins_seg.ins_seg_bg_thres make_ins_seg.min_fragment_fraction "
-      "eval_ins_seg.iou_threshold", _unit,
-      "must be within [0, 1]")
-_rule("make_cam.scales train_deeplab.msc_scales", lambda v: len(v) > 0 and all(s > 0 for s in v),
-      "must be a non-empty list of positive numbers")
-_rule("train_cam.resize_long train_irn.rescale train_deeplab.scale_range",
-      lambda v: len(v) == 2 and 0 < v[0] <= v[1], "must be [low, high] with 0 < low <= high")
-_rule("eval_cam.sweep", lambda v: len(v) == 3 and v[0] <= v[1] and v[2] > 0, "must be [start, stop, step] with step > 0")
-_rule("data.mean data.std", lambda v: len(v) == 3, "must have 3 values (RGB)")
-_rule("run_name", lambda v: v != "" and "/" not in v and v not in (".", ".."), "must be a plain, non-empty folder name")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -334,7 +339,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
 
 def _build(cls, values: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = set(fields)
     for name in values:
         if name not in known:
             dotted = f"{prefix}.{name}" if prefix else str(name)
@@ -343,14 +349,32 @@ def _build(cls, values: dict, prefix: str = ""):
     for name in known:
         dotted = f"{prefix}.{name}" if prefix else name
         if name in values:
-            value = _coerce(values[name], hints[name], dotted)
-            rule = _VALUE_RULES.get(dotted)
-            if rule and not rule[0](value):
-                raise ConfigError(f"config key '{dotted}': {value!r} {rule[1]}")
-            kwargs[name] = value
+            value = values[name]
+            default = _field_default(fields[name])
+            if dataclasses.is_dataclass(default) and isinstance(value, dict):
+                # a partial section overrides this field's own defaults (e.g. DeepLab's optimiser
+                # values), not the section class's generic ones
+                value = {**dataclasses.asdict(default), **value}
+            kwargs[name] = _coerce(value, hints[name], dotted)
     obj = cls(**kwargs)
-    # Defaults are valid by construction except where sections nest defaults of their own.
+    check_values(obj, prefix)
     return obj
+
+
+def _field_default(f):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def check_values(obj, prefix: str = "") -> None:
+    """Apply every field's value check (defaults included) to a built section."""
+    for f in dataclasses.fields(obj):
+        rule = f.metadata.get("check")
+        value = getattr(obj, f.name)
+        if rule and not dataclasses.is_dataclass(value) and not rule[0](value):
+            dotted = f"{prefix}.{f.name}" if prefix else f.name
+            raise ConfigError(f"config key '{dotted}': {value!r} {rule[1]}")
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

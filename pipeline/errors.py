@@ -1,3 +1,7 @@
 class PipelineError(Exception):
-    """An error the user can cause (bad config, missing data or artifact, corrupt
-    file). The CLI prints its message and exits non-zero, without a traceback."""
+    """An error the user can fix (bad config, missing data, missing upstream artifact, corrupt
+    file): the CLI prints its one-line message and exits with `exit_code` (2; 130 for Ctrl-C)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,6 +1,6 @@
 """Export the pseudo labels for any downstream segmenter.
 
-DEST/pseudo_seg_labels/<id>.png   palette PNGs (symlinks to result/<run>/sem_seg/, or copies)
+DEST/pseudo_seg_labels/<id>.png   palette PNGs (symlinks to the run's `sem_seg` artifacts, or copies)
 DEST/pseudo_seg_labels.txt        one `image label` pair per line, paths relative to DEST
 """
 from __future__ import annotations
@@ -12,41 +12,65 @@ from pathlib import Path
 from pipeline import artifacts
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.runner import stage_status
+from pipeline.runner import catalogue_of, method_of, stage_status
+
+LABEL_STAGE = "make_sem_seg"    # the stage whose `sem_seg` artifacts are the pseudo labels
 
 
-def sem_seg_path(result_dir: Path, image_id: str) -> Path:
-    return Path(result_dir) / "sem_seg" / f"{image_id}.png"
+def _check_destination(dest: Path) -> Path:
+    """DEST/pseudo_seg_labels must be a folder inside DEST (not a file, not a link leaving it)."""
+    labels_dir = dest / "pseudo_seg_labels"
+    if labels_dir.is_symlink():
+        target = labels_dir.resolve()
+        if dest.resolve() not in target.parents:
+            raise PipelineError(f"export: {labels_dir} is a symbolic link to {target}, outside {dest}; "
+                                "remove it or choose another --dest")
+    if labels_dir.exists() and not labels_dir.is_dir():
+        raise PipelineError(f"export: {labels_dir} exists and is not a folder; remove it or choose another --dest")
+    list_file = dest / "pseudo_seg_labels.txt"
+    if list_file.exists() and not list_file.is_file():
+        raise PipelineError(f"export: {list_file} exists and is not a file")
+    try:
+        labels_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"export: cannot create {labels_dir}: {e.strerror}") from None
+    if not os.access(labels_dir, os.W_OK):
+        raise PipelineError(f"export: {labels_dir} is not writable")
+    return labels_dir
 
 
 def export_pseudo_labels(cfg: Config, runtime, dest: str | Path, copy: bool = False) -> dict:
-    status = stage_status(cfg, "make_sem_seg", runtime)
+    if LABEL_STAGE not in method_of(cfg).stage_names:
+        raise PipelineError(f"cannot export: method '{cfg.method}' has no stage '{LABEL_STAGE}'")
+    status = stage_status(cfg, LABEL_STAGE, runtime)
     if not status.done:
         why = f": {status.reason}" if status.reason else ""
         raise PipelineError(
-            f"cannot export: stage 'make_sem_seg' is {status.state}{why}. "
-            "Run it first: python run_pipeline.py run --config <file> --to make_sem_seg"
-        )
-    from pipeline.data import build_dataset
+            f"cannot export: stage '{LABEL_STAGE}' is {status.state}{why}. "
+            f"Run it first: python run_pipeline.py run --config <file> --to {LABEL_STAGE}")
+    from dataset.registry import build_dataset
 
     dataset = build_dataset(cfg.data)
     ids = dataset.ids(cfg.data.infer_split)
+    pseudo_labels = catalogue_of(cfg).sem_seg
     dest = Path(dest)
-    labels_dir = dest / "pseudo_seg_labels"
-    labels_dir.mkdir(parents=True, exist_ok=True)
+    labels_dir = _check_destination(dest)
     lines = []
-    for image_id in ids:
-        source = sem_seg_path(cfg.result_dir, image_id).resolve()
-        target = labels_dir / f"{image_id}.png"
-        with artifacts.atomic_path(target) as tmp:
-            tmp.unlink()
-            if copy:
-                shutil.copyfile(source, tmp)
-            else:
-                os.symlink(source, tmp)
-        image = os.path.relpath(dataset.image_path(image_id).resolve(), dest.resolve())
-        lines.append(f"{image} pseudo_seg_labels/{image_id}.png")
-    list_file = dest / "pseudo_seg_labels.txt"
-    with artifacts.atomic_path(list_file) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    try:
+        for image_id in ids:
+            source = pseudo_labels.path(image_id).resolve()
+            target = labels_dir / f"{image_id}.png"
+            with artifacts.atomic_path(target) as tmp:
+                tmp.unlink()
+                if copy:
+                    shutil.copyfile(source, tmp)
+                else:
+                    os.symlink(source, tmp)
+            image = os.path.relpath(dataset.image_path(image_id).resolve(), dest.resolve())
+            lines.append(f"{image} pseudo_seg_labels/{image_id}.png")
+        list_file = dest / "pseudo_seg_labels.txt"
+        with artifacts.atomic_path(list_file) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+    except OSError as e:
+        raise PipelineError(f"export: cannot write into {dest}: {e.strerror} ({e.filename})") from None
     return {"n_images": len(ids), "labels_dir": str(labels_dir), "list_file": str(list_file)}

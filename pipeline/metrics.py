@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
-from pipeline import artifacts
-from pipeline.classes import IGNORE_LABEL
+from dataset.classes import IGNORE_LABEL
 
 log = logging.getLogger("wsss")
 
@@ -48,11 +46,10 @@ def metric_record(conf: np.ndarray, class_names, n_images: int, **extra) -> dict
     return record
 
 
-def write_metrics(result_dir: Path, stage: str, record: dict) -> Path:
-    path = Path(result_dir) / "metrics" / f"{stage}.json"
-    artifacts.save_json(path, record)
+def write_metrics(metrics, stage: str, record: dict) -> None:
+    """Write `record` as the stage's metrics (the catalogue's `metrics` artifact) and log its table."""
+    metrics.write(stage, record)
     log.info("%s\n%s", f"{stage}: mIoU {record['miou']:.2f}% on {record['n_images']} images", format_table(record))
-    return path
 
 
 def format_table(record: dict) -> str:
@@ -63,28 +60,138 @@ def format_table(record: dict) -> str:
     return "\n".join(rows)
 
 
-def evaluate_label_files(dataset, ids, path_of, stage: str) -> np.ndarray:
-    """Confusion matrix of the label PNGs `path_of(id)` against the ground truth of `ids`."""
-    from pipeline.artifacts import load_label_png
+def evaluate_label_files(dataset, ids, labels, stage: str) -> np.ndarray:
+    """Confusion matrix of the label maps of the artifact `labels` against the ground truth of `ids`."""
     from pipeline.errors import PipelineError
     from pipeline.runtime import progress
 
     n_labels = len(dataset.class_names)
     conf = np.zeros((n_labels, n_labels), np.int64)
-    for image_id in progress(ids, stage):
-        path = path_of(image_id)
-        if not path.exists():
-            raise PipelineError(f"{stage}: prediction missing for {image_id}: {path}")
-        pred, gt = load_label_png(path), dataset.load_mask(image_id)
+    for image_id in progress(ids, f"{stage} (scoring)"):
+        if not labels.exists(image_id):
+            raise PipelineError(f"{stage}: prediction missing for {image_id}: {labels.path(image_id)}")
+        pred, gt = labels.read(image_id), dataset.load_mask(image_id)
         if pred.shape != gt.shape:
-            raise PipelineError(f"{stage}: {path} is {pred.shape}, ground truth is {gt.shape}")
+            raise PipelineError(f"{stage}: {labels.path(image_id)} is {pred.shape}, ground truth "
+                                f"{dataset.mask_path(image_id)} is {gt.shape}")
         conf += confusion_matrix(pred, gt, n_labels)
     return conf
 
 
-def evaluate_and_write(result_dir: Path, dataset, ids, path_of, stage: str, **extra) -> dict:
-    """Score the label PNGs of `ids` against the ground truth, write metrics/<stage>.json, print the table."""
-    conf = evaluate_label_files(dataset, ids, path_of, stage)
+def evaluate_and_write(catalogue, dataset, ids, labels, stage: str, **extra) -> dict:
+    """Score the label maps `labels` of `ids` against the ground truth, write the stage's metrics, log the table."""
+    conf = evaluate_label_files(dataset, ids, labels, stage)
     record = metric_record(conf, dataset.class_names, len(ids), **extra)
-    write_metrics(result_dir, stage, record)
+    write_metrics(catalogue.metrics, stage, record)
     return record
+
+
+# ----------------------------------------------------------------------------- instance mask AP
+# As chainercv's eval_instance_segmentation_voc, which the reference (IRNet) calls; see stages/eval_ins_seg.py.
+
+def ground_truth_instances(objects: np.ndarray, semantic: np.ndarray) -> dict[str, np.ndarray]:
+    """{"mask": (M, H, W) bool, "class": (M,) int64 0-based, "void": (H, W) bool} from a
+    SegmentationObject map and the matching SegmentationClass map (label ids)."""
+    if objects.shape != semantic.shape:
+        raise ValueError(f"instance map {objects.shape} and class map {semantic.shape} differ in shape")
+    indices = np.unique(objects)
+    indices = indices[(indices != 0) & (indices != IGNORE_LABEL)]
+    masks, classes = [], []
+    for index in indices:
+        mask = objects == index
+        labels = semantic[mask]
+        labels = labels[(labels != 0) & (labels != IGNORE_LABEL)]
+        if labels.size == 0:
+            raise ValueError(f"instance {index} has no class in the class map")
+        masks.append(mask)
+        classes.append(int(np.bincount(labels).argmax()) - 1)
+    return {
+        "mask": np.stack(masks) if masks else np.zeros((0, *objects.shape), bool),
+        "class": np.asarray(classes, np.int64),
+        "void": objects == IGNORE_LABEL,
+    }
+
+
+def mask_iou(pred: np.ndarray, gt: np.ndarray, void: np.ndarray | None = None) -> np.ndarray:
+    """(N, M) IoU of the bool masks `pred` (N, H, W) and `gt` (M, H, W); pixels of `void` are left out."""
+    n, m = len(pred), len(gt)
+    if n == 0 or m == 0:
+        return np.zeros((n, m))
+    p = pred.reshape(n, -1).astype(np.float64)
+    g = gt.reshape(m, -1).astype(np.float64)
+    if void is not None:
+        keep = ~void.reshape(-1)
+        p, g = p[:, keep], g[:, keep]
+    intersection = p @ g.T          # exact: counts far below 2^53
+    union = p.sum(1)[:, None] + g.sum(1)[None, :] - intersection
+    return np.where(union > 0, intersection / np.maximum(union, 1), 0.0)
+
+
+def match_image(pred: dict, gt: dict, iou_threshold: float, exclude_void: bool = False) -> dict[int, tuple]:
+    """Per class present in `pred` or `gt`: (scores (S,), true-positive flags (S,) bool, number of
+    ground truths). `pred` has "score", "class", "mask"; `gt` as `ground_truth_instances`."""
+    void = gt["void"] if exclude_void else None
+    out = {}
+    for cls in np.union1d(pred["class"], gt["class"]).astype(np.int64):
+        p_index = np.flatnonzero(pred["class"] == cls)
+        p_index = p_index[np.argsort(-pred["score"][p_index], kind="stable")]
+        g_index = np.flatnonzero(gt["class"] == cls)
+        iou = mask_iou(pred["mask"][p_index], gt["mask"][g_index], void)
+        taken = np.zeros(len(g_index), bool)
+        tp = np.zeros(len(p_index), bool)
+        for row in range(len(p_index)):
+            if len(g_index) == 0:
+                break
+            best = int(iou[row].argmax())
+            if iou[row, best] >= iou_threshold and not taken[best]:
+                taken[best] = tp[row] = True
+        out[int(cls)] = (pred["score"][p_index].astype(np.float64), tp, len(g_index))
+    return out
+
+
+def average_precision(scores: np.ndarray, tp: np.ndarray, n_positives: int, use_07_metric: bool = False) -> float:
+    """VOC AP of ranked detections (NaN when there is no ground truth)."""
+    if n_positives == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    hits = np.asarray(tp, bool)[order]
+    true_pos = np.cumsum(hits)
+    false_pos = np.cumsum(~hits)
+    recall = true_pos / n_positives
+    precision = true_pos / np.maximum(true_pos + false_pos, 1)
+    if use_07_metric:
+        return float(np.mean([precision[recall >= t].max() if np.any(recall >= t) else 0.0
+                              for t in np.linspace(0, 1, 11)]))
+    rec = np.concatenate([[0.0], recall, [1.0]])
+    prec = np.concatenate([[0.0], precision, [0.0]])
+    prec = np.maximum.accumulate(prec[::-1])[::-1]
+    steps = np.flatnonzero(rec[1:] != rec[:-1])
+    return float(np.sum((rec[steps + 1] - rec[steps]) * prec[steps + 1]))
+
+
+class APAccumulator:
+    """Collects the matches of every image, then gives the AP per class."""
+
+    def __init__(self, num_classes: int, iou_threshold: float = 0.5, exclude_void: bool = False):
+        self.num_classes = num_classes
+        self.iou_threshold = iou_threshold
+        self.exclude_void = exclude_void
+        self._scores = [[] for _ in range(num_classes)]
+        self._tp = [[] for _ in range(num_classes)]
+        self._positives = np.zeros(num_classes, np.int64)
+
+    def add(self, pred: dict, gt: dict) -> None:
+        for cls, (scores, tp, n_gt) in match_image(pred, gt, self.iou_threshold, self.exclude_void).items():
+            if not 0 <= cls < self.num_classes:
+                raise ValueError(f"class index {cls} outside 0..{self.num_classes - 1}")
+            self._scores[cls].append(scores)
+            self._tp[cls].append(tp)
+            self._positives[cls] += n_gt
+
+    def per_class_ap(self, use_07_metric: bool = False) -> np.ndarray:
+        """(num_classes,) AP in [0, 1]; NaN for classes without ground truth."""
+        return np.array([
+            average_precision(np.concatenate(self._scores[c]) if self._scores[c] else np.zeros(0),
+                              np.concatenate(self._tp[c]) if self._tp[c] else np.zeros(0, bool),
+                              int(self._positives[c]), use_07_metric)
+            for c in range(self.num_classes)])

@@ -1,73 +1,59 @@
-"""Stage registry and the context a stage runs in.
+"""What a stage is, and the context it runs in.
 
-A stage is a module `stages/<name>.py` with
-    run(ctx: StageContext) -> dict          # summary: counts, metrics (written into the manifest)
-and, for per-image stages,
-    expected_outputs(ctx) -> list[Path]     # one file per image; missing ones are (re)computed
-The ordered list below is the pipeline; the names are the contract used by the
-CLI, the output folders and the metric files.
+A stage is a module (by default `stages/<name>.py`) with
+    run(ctx: StageContext) -> dict          # summary: outputs, metrics (written into the manifest)
+and optionally
+    expected_outputs(ctx) -> list[Path]     # the files it leaves; a missing one makes it incomplete
+Per-image stages compute only the images whose output is missing (when resuming).
+
+A StageSpec declares the stage once: its upstream stages, the artifact kinds it writes, the
+data splits it reads and what it needs of them (images, image-level labels, masks, instance
+masks). The runner derives the fingerprint, the preflight and the error messages from it.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.catalogue import Catalogue
 
 
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    reads: tuple[str, ...]
-    writes: str                # human description of the artifacts, for error messages
+    reads: tuple[str, ...] = ()          # upstream stages whose artifacts it reads
+    writes: tuple[str, ...] = ()         # artifact kinds (pipeline/catalogue.py) it writes
+    splits: tuple[str, ...] = ()         # data keys naming the splits it reads (train_split, ...)
+    needs: tuple[str, ...] = ("images",)  # of those splits: images, labels, masks, instances
     per_image: bool = False
+    module: str = ""                     # default: stages.<name>
+    section: str = ""                    # config section; default: the stage name
 
     @property
     def module_name(self) -> str:
-        return f"stages.{self.name}"
+        return self.module or f"stages.{self.name}"
 
     @property
-    def implemented(self) -> bool:
-        return importlib.util.find_spec(self.module_name) is not None
+    def section_name(self) -> str:
+        return self.section or self.name
 
     def load(self):
-        if not self.implemented:
-            raise PipelineError(f"stage '{self.name}' is not implemented yet in this version of the toolkit")
         return importlib.import_module(self.module_name)
 
+    def describe_outputs(self) -> str:
+        from pipeline.catalogue import KINDS
 
-STAGES: tuple[StageSpec, ...] = (
-    StageSpec("train_cam", (), "sess/<run>/cam_cnn.pth, cam_vit.pth"),
-    StageSpec("make_cam", ("train_cam",), "result/<run>/cam/<id>.npz", per_image=True),
-    StageSpec("eval_cam", ("make_cam",), "result/<run>/metrics/eval_cam.json"),
-    StageSpec("cam_to_ir_label", ("make_cam",), "result/<run>/ir_label/<id>.png", per_image=True),
-    StageSpec("train_irn", ("cam_to_ir_label",), "sess/<run>/irn.pth"),
-    StageSpec("make_sem_seg", ("train_irn", "make_cam"), "result/<run>/sem_seg/<id>.png", per_image=True),
-    StageSpec("eval_sem_seg", ("make_sem_seg",), "result/<run>/metrics/eval_sem_seg.json"),
-    StageSpec("make_ins_seg", ("train_irn", "make_cam"), "result/<run>/ins_seg/<id>.npz", per_image=True),
-    StageSpec("eval_ins_seg", ("make_ins_seg",), "result/<run>/metrics/eval_ins_seg.json"),
-    StageSpec("train_deeplab", ("make_sem_seg",), "sess/<run>/deeplab.pth"),
-    StageSpec("test_deeplab", ("train_deeplab",), "result/<run>/deeplab/logit/<id>.npz", per_image=True),
-    StageSpec("crf", ("test_deeplab",), "result/<run>/deeplab/crf/<id>.png", per_image=True),
-)
-STAGE_NAMES = tuple(s.name for s in STAGES)
-_BY_NAME = {s.name: s for s in STAGES}
-
-
-def get_stage(name: str) -> StageSpec:
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise PipelineError(f"unknown stage '{name}' (stages: {', '.join(STAGE_NAMES)})") from None
+        return ", ".join(f"{KINDS[k].about} ({KINDS[k].under}/<run>/{KINDS[k].pattern})" for k in self.writes) \
+            or "its outputs"
 
 
 @dataclass
 class StageContext:
-    """What a stage sees: its own config section, the data section, paths and runtime."""
+    """What a stage sees: its own config section, the data section, the artifact catalogue,
+    the runtime. `seed` is the run's seed (data order and augmentation derive from it)."""
     name: str
     section: Any
     data: Any
@@ -78,26 +64,30 @@ class StageContext:
     fingerprint: str
     resume: bool = True        # outputs present from an earlier run with the same fingerprint may be kept
     work_dir: Path = field(default=Path("."))
+    split_override: str = ""   # the split this stage runs on when its section chooses one
 
     @cached_property
     def dataset(self):
-        from pipeline.data import build_dataset
+        from dataset.registry import build_dataset
 
         return build_dataset(self.data, cache_dir=self.work_dir / "result" / ".cache")
+
+    @cached_property
+    def artifacts(self) -> Catalogue:
+        return Catalogue(self.result_dir, self.sess_dir)
 
     @property
     def device(self):
         return self.runtime.device
 
-    def out(self, *parts: str) -> Path:
-        return self.result_dir.joinpath(*parts)
-
-    def sess(self, *parts: str) -> Path:
-        return self.sess_dir.joinpath(*parts)
-
-    def todo(self, ids: list[str], path_of) -> list[str]:
-        """Ids of this rank's share whose output is missing (or all of them when not resuming)."""
+    def todo(self, ids: list[str], artifact) -> list[str]:
+        """Ids of this rank's share whose `artifact` file is missing (all of them when not resuming)."""
         mine = self.runtime.shard(ids)
         if not self.resume:
             return mine
-        return [i for i in mine if not Path(path_of(i)).exists()]
+        return [i for i in mine if not artifact.exists(i)]
+
+
+class EmptySection:
+    """The section of a stage that has no config keys of its own."""
+    enabled = True

@@ -6,7 +6,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.classes import IGNORE_LABEL
+from dataset.classes import IGNORE_LABEL
+from pipeline.errors import PipelineError
+from pipeline.trainer import decode_key
 
 
 def normalize(image: np.ndarray, mean, std) -> np.ndarray:
@@ -63,14 +65,14 @@ class ClassificationDataset(Dataset):
     def __init__(self, dataset, ids, crop: int, resize_long, mean, std, train: bool = True, seed: int = 0):
         self.dataset, self.ids, self.crop = dataset, list(ids), crop
         self.resize_long, self.mean, self.std, self.train, self.seed = resize_long, mean, std, train, seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int):
+        epoch, index = decode_key(key, len(self.ids))
         image_id = self.ids[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         image = self.dataset.load_image(image_id)
         h, w = image.shape[:2]
         target_long = rng.integers(self.resize_long[0], self.resize_long[1] + 1) if self.train else self.crop
@@ -91,23 +93,23 @@ class SegmentationCropDataset(Dataset):
     """Images with a per-pixel label map (IR labels or pseudo labels) for train_irn / train_deeplab:
     random rescale in `scale_range`, flip, pad (label 255) and random crop."""
 
-    def __init__(self, dataset, ids, label_path, crop: int, scale_range, mean, std, seed: int = 0):
-        self.dataset, self.ids, self.label_path, self.crop = dataset, list(ids), label_path, crop
+    def __init__(self, dataset, ids, labels, crop: int, scale_range, mean, std, seed: int = 0):
+        """`labels`: the catalogue's artifact holding the label maps (ir_label or sem_seg)."""
+        self.dataset, self.ids, self.labels, self.crop = dataset, list(ids), labels, crop
         self.scale_range, self.mean, self.std, self.seed = scale_range, mean, std, seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int):
-        from pipeline.artifacts import load_label_png
-
+    def __getitem__(self, key: int):
+        epoch, index = decode_key(key, len(self.ids))
         image_id = self.ids[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         image = self.dataset.load_image(image_id)
-        label = load_label_png(self.label_path(image_id))
+        label = self.labels.read(image_id)
         if label.shape != image.shape[:2]:
-            raise ValueError(f"label {self.label_path(image_id)} is {label.shape}, image is {image.shape[:2]}")
+            raise PipelineError(f"label {self.labels.path(image_id)} is {label.shape}, image "
+                                f"{self.dataset.image_path(image_id)} is {image.shape[:2]}")
         scale = rng.uniform(self.scale_range[0], self.scale_range[1])
         size = scaled_size(image.shape[:2], scale)
         image, label = resize(image, size), resize(label, size, nearest=True)
@@ -116,29 +118,3 @@ class SegmentationCropDataset(Dataset):
         image = normalize(image, self.mean, self.std)
         image, label = random_crop(image, self.crop, rng, label=label)
         return to_tensor(image), torch.from_numpy(np.ascontiguousarray(label)).long(), index
-
-
-def set_epoch(loader, epoch: int) -> None:
-    """Reseed the augmentation and the distributed sampler for this epoch."""
-    loader.dataset.epoch = epoch
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-
-
-def make_loader(dataset: Dataset, batch_size: int, runtime, num_workers: int, shuffle: bool, seed: int,
-                drop_last: bool = True):
-    """A DataLoader that shards by rank under torchrun and shuffles deterministically."""
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
-
-    if runtime.distributed:
-        sampler = DistributedSampler(dataset, num_replicas=runtime.world_size, rank=runtime.rank,
-                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
-    elif shuffle:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-    else:
-        sampler = SequentialSampler(dataset)
-    batch_size = max(1, min(batch_size, len(dataset) // runtime.world_size if drop_last else batch_size))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=drop_last, pin_memory=runtime.device.type == "cuda",
-                      persistent_workers=num_workers > 0)

@@ -1,7 +1,7 @@
 """cam_to_ir_label: confident labels for training the inter-pixel relation network.
 
 Two CRF-refined maps per image: foreground-confident (background plane `conf_fg_thres`)
-and background-confident (plane `conf_bg_thres`). Result `result/<run>/ir_label/<id>.png`:
+and background-confident (plane `conf_bg_thres`). Result: the `ir_label` artifact,
 the foreground map's class where it says foreground, 0 where both say background, 255
 (unsure) elsewhere. CPU-bound: images are spread over worker processes.
 """
@@ -11,19 +11,17 @@ import logging
 
 import numpy as np
 
+from dataset.classes import IGNORE_LABEL
+from net.crf import crf_arguments
 from pipeline import artifacts
-from pipeline.classes import IGNORE_LABEL
+from pipeline.catalogue import read_cam
 from pipeline.parallel import parallel_map
 
 log = logging.getLogger("wsss")
 
 
-def ir_label_path(ctx, image_id: str):
-    return ctx.out("ir_label", f"{image_id}.png")
-
-
 def expected_outputs(ctx):
-    return [ir_label_path(ctx, i) for i in ctx.dataset.ids(ctx.data.infer_split)]
+    return [ctx.artifacts.ir_label.path(i) for i in ctx.dataset.ids(ctx.data.infer_split)]
 
 
 def combine_confident(fg_conf: np.ndarray, bg_conf: np.ndarray) -> np.ndarray:
@@ -36,7 +34,7 @@ def combine_confident(fg_conf: np.ndarray, bg_conf: np.ndarray) -> np.ndarray:
 
 def refined_map(image: np.ndarray, cams: np.ndarray, keys: np.ndarray, threshold: float, crf: dict) -> np.ndarray:
     """Label ids of argmax([threshold plane; cams]) after a dense CRF over the image."""
-    from pipeline.crf import crf_from_labels
+    from net.crf import crf_from_labels
 
     label_ids = np.concatenate([[0], np.asarray(keys) + 1]).astype(np.uint8)
     planes = np.concatenate([np.full((1,) + cams.shape[1:], threshold, np.float32), cams], axis=0)
@@ -52,8 +50,6 @@ def confident_labels(image, cams, keys, fg_thres: float, bg_thres: float, crf: d
 
 
 def _one_image(image_path: str, cam_file: str, out_path: str, fg_thres: float, bg_thres: float, crf: dict) -> int:
-    from stages.make_cam import read_cam
-
     image = artifacts.load_rgb(image_path)
     cam = read_cam(cam_file)
     label = confident_labels(image, cam["high_res"], cam["keys"], fg_thres, bg_thres, crf)
@@ -61,20 +57,12 @@ def _one_image(image_path: str, cam_file: str, out_path: str, fg_thres: float, b
     return int((label == IGNORE_LABEL).sum())
 
 
-def crf_params(section) -> dict:
-    return {"gt_prob": section.crf_gt_prob, "n_iters": section.crf_iters, "gauss_sxy": section.crf_gauss_sxy,
-            "gauss_compat": section.crf_gauss_compat, "bilat_sxy": section.crf_bilat_sxy,
-            "bilat_srgb": section.crf_bilat_srgb, "bilat_compat": section.crf_bilat_compat}
-
-
 def run(ctx) -> dict:
-    from stages.make_cam import cam_path
-
-    section, dataset = ctx.section, ctx.dataset
+    section, dataset, cams, ir_labels = ctx.section, ctx.dataset, ctx.artifacts.cam, ctx.artifacts.ir_label
     ids = dataset.ids(ctx.data.infer_split)
-    todo = ctx.todo(ids, lambda i: ir_label_path(ctx, i))
-    params = crf_params(section)
-    jobs = [(str(dataset.image_path(i)), str(cam_path(ctx, i)), str(ir_label_path(ctx, i)),
+    todo = ctx.todo(ids, ir_labels)
+    params = {"gt_prob": section.gt_prob, **crf_arguments(section.crf)}
+    jobs = [(str(dataset.image_path(i)), str(cams.path(i)), str(ir_labels.path(i)),
              section.conf_fg_thres, section.conf_bg_thres, params) for i in todo]
     log.info("cam_to_ir_label: %d images (%d to compute on this rank)", len(ids), len(todo))
     unsure = parallel_map(_one_image, jobs, section.num_workers, "cam_to_ir_label", enabled=ctx.runtime.is_main)

@@ -1,5 +1,5 @@
 """eval_cam: mIoU of the CAMs on `eval_split` at the configured background threshold,
-plus a threshold sweep. Writes result/<run>/metrics/eval_cam.json."""
+plus a threshold sweep. Writes the stage's `metrics` record."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,6 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.metrics import confusion_matrix, metric_record, miou_percent, write_metrics
 from pipeline.runtime import progress
-from stages.make_cam import cam_path, read_cam
 
 log = logging.getLogger("wsss")
 
@@ -31,21 +30,18 @@ def sweep_thresholds(spec) -> list[float]:
 
 def run(ctx) -> dict:
     section, data = ctx.section, ctx.data
-    dataset = ctx.dataset
-    ids = dataset.ids(data.eval_split)
-    if not dataset.has_masks(data.eval_split):
-        raise PipelineError(f"eval_cam: split '{data.eval_split}' has images without ground-truth masks")
+    dataset, cams = ctx.dataset, ctx.artifacts.cam
+    ids = dataset.ids(data.eval_split)     # the preflight checked their masks
     thresholds = sorted(set(sweep_thresholds(section.sweep)) | {round(section.threshold, 4)})
     n_labels = len(dataset.class_names)
     confusions = {t: np.zeros((n_labels, n_labels), np.int64) for t in thresholds}
     if not ctx.runtime.is_main:
         return {}
     for image_id in progress(ids, "eval_cam"):
-        path = cam_path(ctx, image_id)
-        if not path.exists():
-            raise PipelineError(f"eval_cam: no CAM for {image_id} ({path}); is eval_split '{data.eval_split}' "
-                                f"inside infer_split '{data.infer_split}'?")
-        cam = read_cam(path)
+        if not cams.exists(image_id):
+            raise PipelineError(f"eval_cam: no CAM for {image_id} ({cams.path(image_id)}); is eval_split "
+                                f"'{data.eval_split}' inside infer_split '{data.infer_split}'?")
+        cam = cams.read(image_id)
         gt = dataset.load_mask(image_id)
         for t in thresholds:
             confusions[t] += confusion_matrix(cam_to_prediction(cam["high_res"], cam["keys"], t), gt, n_labels)
@@ -54,7 +50,7 @@ def run(ctx) -> dict:
     record = metric_record(confusions[round(section.threshold, 4)], dataset.class_names, len(ids),
                            threshold=section.threshold, best_threshold=best,
                            best_miou=round(miou_percent(confusions[best]), 3), sweep=sweep)
-    write_metrics(ctx.result_dir, "eval_cam", record)
+    write_metrics(ctx.artifacts.metrics, "eval_cam", record)
     log.info("eval_cam: mIoU %.2f%% at threshold %.2f; best %.2f%% at %.2f", record["miou"], section.threshold,
              record["best_miou"], best)
     return {"metrics": {"miou": record["miou"], "best_threshold": best, "best_miou": record["best_miou"]}}

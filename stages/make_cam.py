@@ -1,12 +1,8 @@
 """make_cam: multi-scale + flip CAM inference for every image of `infer_split`.
 
-Artifact `result/<run>/cam/<id>.npz` (pickle-free, `np.load(path)` reads it):
-    keys      int16   (K,)              foreground class indices (0-based) of the image's labels
-    cam       float16 (K, ⌈H/4⌉, ⌈W/4⌉)  stride-4 CAMs, each normalised to max 1 (random walk input)
-    high_res  uint8   (K, H, W)          full-resolution CAMs × 255, rounded (IR labels, evaluation)
-The full-resolution maps are quantised to 1/255: far finer than any threshold the
-pipeline uses (0.05 steps), half the bytes of float16 and they compress better.
-Use `read_cam(path)` to get float32 maps back.
+Writes the `cam` artifact (pipeline/catalogue.py): per image the class indices, the stride-4
+CAMs (float16, random walk input) and the full-resolution CAMs (uint8 × 255: far finer than
+any threshold the pipeline uses, half the bytes of float16, and they compress better).
 """
 from __future__ import annotations
 
@@ -16,21 +12,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import artifacts
-from pipeline.errors import PipelineError
+from net.registry import load_model
 from pipeline.runtime import progress
-from pipeline.training import load_model_file
 from pipeline.transforms import normalize, resize, scaled_size, to_tensor
 
 log = logging.getLogger("wsss")
 
 
-def cam_path(ctx, image_id: str):
-    return ctx.out("cam", f"{image_id}.npz")
-
-
 def expected_outputs(ctx):
-    return [cam_path(ctx, i) for i in ctx.dataset.ids(ctx.data.infer_split)]
+    return [ctx.artifacts.cam.path(i) for i in ctx.dataset.ids(ctx.data.infer_split)]
 
 
 def strided_size(shape_hw, stride: int) -> tuple[int, int]:
@@ -44,36 +34,11 @@ def normalize_cams(cams: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
     return selected / (peak + 1e-5)
 
 
-def save_cam(path, keys: np.ndarray, strided: torch.Tensor, high_res: torch.Tensor) -> None:
-    artifacts.save_npz(path, {
-        "keys": keys.astype(np.int16),
-        "cam": strided.cpu().numpy().astype(np.float16),
-        "high_res": np.round(high_res.clamp(0, 1).cpu().numpy() * 255).astype(np.uint8),
-    })
-
-
-def read_cam(path) -> dict[str, np.ndarray]:
-    """The CAM artifact as float32 maps: {"keys": int64 (K,), "cam": (K,h,w), "high_res": (K,H,W)}."""
-    data = artifacts.load_npz(path)
-    missing = {"keys", "cam", "high_res"} - set(data)
-    if missing:
-        raise PipelineError(f"CAM file {path} lacks {sorted(missing)}: not written by make_cam?")
-    return {"keys": data["keys"].astype(np.int64), "cam": data["cam"].astype(np.float32),
-            "high_res": data["high_res"].astype(np.float32) / 255.0}
-
-
 def load_cam_models(ctx, source: str) -> list:
-    from stages.train_cam import build_cnn, build_vit
-
-    models = []
     wanted = {"vit": ["vit"], "cnn": ["cnn"], "fuse": ["cnn", "vit"]}[source]
-    for branch in wanted:
-        state = load_model_file(ctx.sess(f"cam_{branch}.pth"), ctx.device)
-        args = {**state["model_args"], "pretrained": False}  # weights come from the file, never a download
-        model = (build_cnn if branch == "cnn" else build_vit)(args)
-        model.load_state_dict(state["state_dict"])
-        models.append((branch, model.to(ctx.device).eval()))
-    return models
+    kinds = {"cnn": "resnet_cam", "vit": "vit_cam"}
+    return [(branch, load_model(ctx.artifacts.weights.path(f"cam_{branch}"), ctx.device, expect=kinds[branch]))
+            for branch in wanted]
 
 
 @torch.no_grad()
@@ -98,11 +63,10 @@ def multiscale_cam(model_fn, image: np.ndarray, scales, mean, std, device) -> tu
 
 def run(ctx) -> dict:
     section, data, runtime = ctx.section, ctx.data, ctx.runtime
-    dataset = ctx.dataset
+    dataset, cams = ctx.dataset, ctx.artifacts.cam
     ids = dataset.ids(data.infer_split)
-    dataset.check_images(data.infer_split)
     dataset.load_label_cache([data.infer_split])
-    todo = ctx.todo(ids, lambda i: cam_path(ctx, i))
+    todo = ctx.todo(ids, cams)
     log.info("make_cam: %d images (%d to compute on this rank), source %s, scales %s",
              len(ids), len(todo), section.cam_source, section.scales)
     models = load_cam_models(ctx, section.cam_source) if todo else []
@@ -120,7 +84,7 @@ def run(ctx) -> dict:
         if len(models) > 1:
             strided_total, full_total = normalize_cams(strided_total, np.arange(len(keys))), \
                 normalize_cams(full_total, np.arange(len(keys)))
-        save_cam(cam_path(ctx, image_id), keys, strided_total, full_total)
-    sizes = [cam_path(ctx, i).stat().st_size for i in ids[:50] if cam_path(ctx, i).exists()]
+        cams.write(image_id, keys, strided_total, full_total)
+    sizes = [cams.path(i).stat().st_size for i in ids[:50] if cams.exists(i)]
     return {"outputs": {"images": len(ids), "computed_on_rank0": len(todo),
                         "mean_bytes_per_image": int(np.mean(sizes)) if sizes else 0}}

@@ -3,7 +3,7 @@
 Boundary B at stride 4 from the image and its flip (logits averaged); the CAMs (stride 4,
 × (1 − B)) are propagated by the sparse transition matrix 2^exp_times times; the result is
 upsampled ×4, cropped, divided by its global maximum and compared with a background plane
-`sem_seg_bg_thres`. Writes result/<run>/sem_seg/<id>.png (palette PNG of label ids).
+`bg_threshold`. Writes the `sem_seg` artifact (palette PNG of label ids): the pseudo labels.
 """
 from __future__ import annotations
 
@@ -13,51 +13,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import artifacts
-from pipeline.errors import PipelineError
+from net.irn import boundary_and_displacement, check_same_grid
+from net.registry import load_model
 from pipeline.runtime import progress
-from pipeline.training import load_model_file
-from pipeline.transforms import normalize, to_tensor
-from stages.make_cam import cam_path, read_cam
 
 log = logging.getLogger("wsss")
 
 
-def sem_seg_path(ctx, image_id: str):
-    return ctx.out("sem_seg", f"{image_id}.png")
-
-
 def expected_outputs(ctx):
-    return [sem_seg_path(ctx, i) for i in ctx.dataset.ids(ctx.data.infer_split)]
-
-
-def load_irn(ctx):
-    from stages.train_irn import build_irn
-
-    state = load_model_file(ctx.sess("irn.pth"), ctx.device)
-    model = build_irn({**state["model_args"], "pretrained": False})
-    model.load_state_dict(state["state_dict"])
-    return model.to(ctx.device).eval()
-
-
-@torch.no_grad()
-def boundary_map(model, image: np.ndarray, mean, std, device) -> np.ndarray:
-    """(⌈H/4⌉, ⌈W/4⌉) boundary probability from the image and its mirror image."""
-    x = normalize(image, mean, std)
-    batch = torch.stack([to_tensor(x), to_tensor(np.ascontiguousarray(x[:, ::-1]))]).to(device)
-    logits, _ = model(batch)
-    return torch.sigmoid(logits[0, 0] / 2 + logits[1, 0].flip(-1) / 2).cpu().numpy()
-
-
-def walk_inputs(ctx, model, image_id: str) -> tuple[np.ndarray, dict, np.ndarray]:
-    """The image, its CAM artifact and its boundary map, checked to share the stride-4 grid."""
-    image = ctx.dataset.load_image(image_id)
-    cam = read_cam(cam_path(ctx, image_id))
-    boundary = boundary_map(model, image, ctx.data.mean, ctx.data.std, ctx.device)
-    if cam["cam"].shape[1:] != boundary.shape:
-        raise PipelineError(f"{ctx.name}: CAM of {image_id} is {cam['cam'].shape[1:]} at stride 4, the boundary "
-                            f"map is {boundary.shape}: CAMs from another image size?")
-    return image, cam, boundary
+    return [ctx.artifacts.sem_seg.path(i) for i in ctx.dataset.ids(ctx.data.infer_split)]
 
 
 def walk_to_labels(walked: np.ndarray, keys: np.ndarray, image_hw, bg_threshold: float) -> np.ndarray:
@@ -77,15 +41,18 @@ def run(ctx) -> dict:
     from net.affinity import random_walk
 
     section, data, runtime = ctx.section, ctx.data, ctx.runtime
-    dataset = ctx.dataset
+    dataset, cams, pseudo_labels = ctx.dataset, ctx.artifacts.cam, ctx.artifacts.sem_seg
     ids = dataset.ids(data.infer_split)
-    todo = ctx.todo(ids, lambda i: sem_seg_path(ctx, i))
+    todo = ctx.todo(ids, pseudo_labels)
     log.info("make_sem_seg: %d images (%d to compute on this rank)", len(ids), len(todo))
-    model = load_irn(ctx) if todo else None
+    model = load_model(ctx.artifacts.weights.path("irn"), ctx.device, expect="irn") if todo else None
+    walk = section.walk
     for image_id in progress(todo, "make_sem_seg", enabled=runtime.is_main):
-        image, cam, boundary = walk_inputs(ctx, model, image_id)
-        walked = random_walk(cam["cam"], boundary, radius=section.radius, beta=section.beta,
-                             exp_times=section.exp_times) if len(cam["keys"]) else cam["cam"]
-        label = walk_to_labels(np.asarray(walked), cam["keys"], image.shape[:2], section.sem_seg_bg_thres)
-        artifacts.save_label_png(sem_seg_path(ctx, image_id), label)
+        image, cam = dataset.load_image(image_id), cams.read(image_id)
+        boundary, _ = boundary_and_displacement(model, image, data.mean, data.std, ctx.device)
+        check_same_grid("make_sem_seg", image_id, cam, boundary)
+        walked = random_walk(cam["cam"], boundary, radius=walk.radius, beta=walk.beta,
+                             exp_times=walk.exp_times) if len(cam["keys"]) else cam["cam"]
+        label = walk_to_labels(np.asarray(walked), cam["keys"], image.shape[:2], section.bg_threshold)
+        pseudo_labels.write(image_id, label)
     return {"outputs": {"images": len(ids), "computed_on_rank0": len(todo)}}

@@ -2,20 +2,19 @@
 
 Loss = MLSM(cnn logits) + MLSM(vit logits) + λ · mean|CAM_cnn↑ − CAM_vit↑| (from epoch
 `consistency_start_epoch`), where ↑ is bilinear upsampling of the raw CAMs to the crop.
-Writes sess/<run>/cam_cnn.pth and cam_vit.pth (model_args + state_dict); a checkpoint
-sess/<run>/train_cam_ckpt.pth after every epoch lets an interrupted run resume.
+Writes the weights cam_cnn and cam_vit (the catalogue's `weights` kind); the one trainer
+checkpoints after every epoch, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
 
-from pipeline import artifacts
-from pipeline.transforms import ClassificationDataset, make_loader, set_epoch
-from pipeline.training import check_finite, ddp, make_optimizer, resume_training, save_model, set_poly_lr, unwrap
+from net.registry import build_model, save_model
+from pipeline.trainer import Trainer, make_loader, optimizer_from_config, schedule_from_config
+from pipeline.transforms import ClassificationDataset
 
 log = logging.getLogger("wsss")
 
@@ -29,18 +28,6 @@ def cnn_model_args(section, num_classes: int) -> dict:
 def vit_model_args(section, num_classes: int) -> dict:
     return {"name": section.vit.name, "num_classes": num_classes, "pretrained": section.vit.pretrained,
             "window": section.vit.window, "recurrence": section.vit.recurrence, **section.vit.model_kwargs}
-
-
-def build_cnn(args: dict):
-    from net.resnet_cam import ResNetCAM
-
-    return ResNetCAM(**args)
-
-
-def build_vit(args: dict):
-    from net.vit_cam import ViTCAM
-
-    return ViTCAM(**args)
 
 
 def cotraining_loss(logits_cnn, logits_vit, cam_cnn, cam_vit, targets, size, cam_lambda: float,
@@ -75,11 +62,8 @@ class CoTrainer(torch.nn.Module):
 def _param_groups(model: CoTrainer, section) -> list[dict]:
     cnn_backbone, cnn_head = model.cnn.param_groups()
     vit_backbone, vit_head = model.vit.param_groups()
-    common = {"weight_decay": section.weight_decay}
-    return [
-        {"params": cnn_backbone + vit_backbone, "lr_mult": 1.0, **common},
-        {"params": cnn_head + vit_head, "lr_mult": section.head_lr_mult, **common},
-    ]
+    return [{"params": cnn_backbone + vit_backbone, "lr_mult": 1.0},
+            {"params": cnn_head + vit_head, "lr_mult": section.head_lr_mult}]
 
 
 @torch.no_grad()
@@ -100,78 +84,44 @@ def run(ctx) -> dict:
     section, data, runtime = ctx.section, ctx.data, ctx.runtime
     dataset = ctx.dataset
     train_ids = dataset.ids(data.train_split)
-    dataset.check_images(data.train_split)
-    dataset.load_label_cache([data.train_split])
     num_classes = dataset.num_classes
 
     cnn_args, vit_args = cnn_model_args(section, num_classes), vit_model_args(section, num_classes)
-    model = CoTrainer(build_cnn(cnn_args), build_vit(vit_args)).to(runtime.device)
+    model = CoTrainer(build_model("resnet_cam", cnn_args), build_model("vit_cam", vit_args)).to(runtime.device)
     train_set = ClassificationDataset(dataset, train_ids, section.crop_size, section.resize_long,
                                       data.mean, data.std, train=True, seed=ctx.seed)
-    loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed)
+    loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed,
+                         key="train_cam.batch_size")
     val_loader = None
     if section.validate and data.val_split:
-        val_ids = dataset.ids(data.val_split)
-        dataset.load_label_cache([data.val_split])
-        val_set = ClassificationDataset(dataset, val_ids, section.crop_size, section.resize_long,
+        val_set = ClassificationDataset(dataset, dataset.ids(data.val_split), section.crop_size, section.resize_long,
                                         data.mean, data.std, train=False)
         val_loader = make_loader(val_set, section.batch_size, runtime, 0, shuffle=False, seed=ctx.seed,
-                                 drop_last=False)
-
-    optimizer = make_optimizer(section.optimizer, _param_groups(model, section), section.lr, section.momentum,
-                               section.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=section.amp and runtime.device.type == "cuda")
+                                 drop_last=False, key="train_cam.batch_size")
     steps_per_epoch = len(loader)
-    max_steps = section.epochs * steps_per_epoch
-    ckpt_path = ctx.sess("train_cam_ckpt.pth")
-    start_epoch, history = 0, []
-    state = resume_training(ckpt_path, ctx.fingerprint, ctx.resume, model, optimizer, runtime.device)
-    if state is not None:
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        log.info("train_cam: resuming at epoch %d/%d", start_epoch + 1, section.epochs)
-    trainer = ddp(model, runtime)
 
-    for epoch in range(start_epoch, section.epochs):
-        set_epoch(loader, epoch)
-        trainer.train()
-        consistency_on = epoch >= section.consistency_start_epoch
-        sums = {"loss": 0.0, "cls_cnn": 0.0, "cls_vit": 0.0, "consistency": 0.0}
-        t0, seen = time.time(), 0
-        for it, (images, targets, _) in enumerate(loader):
-            step = epoch * steps_per_epoch + it
-            lr = set_poly_lr(optimizer, section.lr, step, max_steps, section.poly_power)
-            images, targets = images.to(runtime.device), targets.to(runtime.device)
-            with runtime.autocast(section.amp):
-                logits_cnn, cam_cnn, logits_vit, cam_vit = trainer(images)
-            losses = cotraining_loss(logits_cnn.float(), logits_vit.float(), cam_cnn.float(), cam_vit.float(),
-                                     targets, images.shape[-2:], section.cam_lambda, consistency_on)
-            check_finite(losses["loss"], "train_cam", step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            for k in sums:
-                sums[k] += float(losses[k])
-            seen += images.shape[0]
-        n = max(len(loader), 1)
-        record = {k: round(v / n, 5) for k, v in sums.items()}
-        record.update(epoch=epoch + 1, lr=lr, images_per_s=round(seen * runtime.world_size / (time.time() - t0), 2))
-        if val_loader is not None:
-            record["val_loss"] = round(_validation_loss(trainer, val_loader, runtime), 5)
-        history.append(record)
-        log.info("train_cam epoch %d/%d: loss %.4f (cls_cnn %.4f, cls_vit %.4f, consistency %.4f) lr %.2e "
-                 "%.1f img/s%s", epoch + 1, section.epochs, record["loss"], record["cls_cnn"], record["cls_vit"],
-                 record["consistency"], lr, record["images_per_s"],
-                 f", val loss {record['val_loss']:.4f}" if "val_loss" in record else "")
-        if runtime.is_main:
-            artifacts.save_torch(ckpt_path, {"model": unwrap(trainer).state_dict(), "optimizer": optimizer.state_dict(),
-                                             "epoch": epoch, "history": history, "fingerprint": ctx.fingerprint})
-        runtime.barrier()
+    def losses(trainer_model, batch, step):
+        images, targets = batch[0].to(runtime.device), batch[1].to(runtime.device)
+        logits_cnn, cam_cnn, logits_vit, cam_vit = trainer_model(images)
+        consistency_on = step // steps_per_epoch >= section.consistency_start_epoch
+        return cotraining_loss(logits_cnn.float(), logits_vit.float(), cam_cnn.float(), cam_vit.float(),
+                               targets, images.shape[-2:], section.cam_lambda, consistency_on)
 
+    def validate(epoch, trainer_model):
+        return {"val_loss": round(_validation_loss(trainer_model, val_loader, runtime), 5)} if val_loader else {}
+
+    opt = section.optimizer
+    history = Trainer(ctx, model, loader, optimizer_from_config(opt, _param_groups(model, section)), losses,
+                      max_steps=section.epochs * steps_per_epoch, base_lr=opt.lr, schedule=schedule_from_config(opt),
+                      lr_key="train_cam.optimizer.lr", amp=section.amp, on_epoch_end=validate).fit()
     if runtime.is_main:
-        save_model(ctx.sess("cam_cnn.pth"), model.cnn, cnn_args)
-        save_model(ctx.sess("cam_vit.pth"), model.vit, vit_args)
-    return {"outputs": {"cam_cnn": str(ctx.sess("cam_cnn.pth")), "cam_vit": str(ctx.sess("cam_vit.pth")),
-                        "train_images": len(train_ids)},
+        save_model(ctx.artifacts.weights.path("cam_cnn"), model.cnn, "resnet_cam", cnn_args)
+        save_model(ctx.artifacts.weights.path("cam_vit"), model.vit, "vit_cam", vit_args)
+    return {"outputs": {"cam_cnn": str(ctx.artifacts.weights.path("cam_cnn")),
+                        "cam_vit": str(ctx.artifacts.weights.path("cam_vit")), "train_images": len(train_ids)},
             "metrics": {"final_loss": history[-1]["loss"] if history else None,
                         "val_loss": history[-1].get("val_loss") if history else None}}
+
+
+def expected_outputs(ctx):
+    return [ctx.artifacts.weights.path("cam_cnn"), ctx.artifacts.weights.path("cam_vit")]

@@ -1,35 +1,28 @@
 """train_irn: the inter-pixel relation network (boundary + displacement branches) on the IR labels.
 
 Pair labels come from the IR labels at stride 4 within `radius`; loss as IRNet:
-(bg_pos/2 + fg_pos/2 + neg)/2 + (dp_fg + dp_bg)/2. Writes sess/<run>/irn.pth (model_args +
-state_dict); sess/<run>/train_irn_ckpt.pth after every epoch for resuming.
+(bg_pos/2 + fg_pos/2 + neg)/2 + (dp_fg + dp_bg)/2. Writes the weights `irn`; the one trainer
+checkpoints after every epoch.
 """
 from __future__ import annotations
 
 import logging
-import time
 
 import cv2
 import numpy as np
 import torch
 
-from pipeline import artifacts
+from net.backbone import copy_backbone_from
+from net.registry import build_model, save_model
 from pipeline.errors import PipelineError
-from pipeline.training import check_finite, copy_backbone_from_cam, ddp, resume_training, save_model, set_poly_lr, unwrap
-from pipeline.transforms import SegmentationCropDataset, make_loader, set_epoch
-from stages.cam_to_ir_label import ir_label_path
+from pipeline.trainer import Trainer, make_loader, optimizer_from_config, schedule_from_config
+from pipeline.transforms import SegmentationCropDataset
 
 log = logging.getLogger("wsss")
 
 
 def model_args(section) -> dict:
     return {"backbone": section.backbone, "pretrained": section.pretrained}
-
-
-def build_irn(args: dict):
-    from net.irn import IRNet
-
-    return IRNet(**args)
 
 
 def stride4_label(label: np.ndarray) -> np.ndarray:
@@ -49,65 +42,41 @@ def run(ctx) -> dict:
     from net.irn import irn_losses, irn_total_loss
 
     section, data, runtime = ctx.section, ctx.data, ctx.runtime
-    dataset = ctx.dataset
+    dataset, ir_labels = ctx.dataset, ctx.artifacts.ir_label
     ids = dataset.ids(data.train_split)
-    missing = [i for i in ids if not ir_label_path(ctx, i).exists()]
+    missing = ir_labels.missing(ids)
     if missing:
         raise PipelineError(f"train_irn: {len(missing)} image(s) of train_split '{data.train_split}' have no IR label "
-                            f"(e.g. {ir_label_path(ctx, missing[0])}); train_split must lie inside infer_split "
+                            f"(e.g. {ir_labels.path(missing[0])}); train_split must lie inside infer_split "
                             f"'{data.infer_split}'")
     args = model_args(section)
-    model = build_irn(args).to(runtime.device)
+    model = build_model("irn", args).to(runtime.device)
     if section.init_from_cam:
-        n = copy_backbone_from_cam(model.backbone, ctx.sess("cam_cnn.pth"), runtime.device)
-        log.info("train_irn: backbone initialised from the CAM CNN branch (%d tensors)", n)
-    train_set = SegmentationCropDataset(dataset, ids, lambda i: ir_label_path(ctx, i), section.crop_size,
-                                        section.rescale, data.mean, data.std, seed=ctx.seed)
-    loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed)
+        copy_backbone_from(model.backbone, ctx.artifacts.weights.path("cam_cnn"), runtime.device)
+    train_set = SegmentationCropDataset(dataset, ids, ir_labels, section.crop_size, section.rescale,
+                                        data.mean, data.std, seed=ctx.seed)
+    loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed,
+                         key="train_irn.batch_size")
     boundary_params, displacement_params = model.param_groups()
-    optimizer = torch.optim.SGD(
-        [{"params": boundary_params, "lr_mult": 1.0},
-         {"params": displacement_params, "lr_mult": section.displacement_lr_mult}],
-        lr=section.lr, momentum=section.momentum, weight_decay=section.weight_decay)
-    max_steps = section.epochs * len(loader)
-    ckpt_path = ctx.sess("train_irn_ckpt.pth")
-    start_epoch, history = 0, []
-    state = resume_training(ckpt_path, ctx.fingerprint, ctx.resume, model, optimizer, runtime.device)
-    if state is not None:
-        start_epoch, history = state["epoch"] + 1, state["history"]
-    trainer = ddp(model, runtime)
-    keys = ("bg_pos", "fg_pos", "neg", "dp_fg", "dp_bg")
-    for epoch in range(start_epoch, section.epochs):
-        set_epoch(loader, epoch)
-        trainer.train()
-        sums = dict.fromkeys(keys + ("loss",), 0.0)
-        t0, seen = time.time(), 0
-        for it, (images, labels, _) in enumerate(loader):
-            lr = set_poly_lr(optimizer, section.lr, epoch * len(loader) + it, max_steps, section.poly_power)
-            images = images.to(runtime.device)
-            pairs = batch_pair_labels(labels, section.radius, runtime.device)
-            boundary, displacement = trainer(images)
-            losses = irn_losses(boundary, displacement, pairs, section.radius)
-            loss = irn_total_loss(losses)
-            check_finite(loss, "train_irn", epoch * len(loader) + it)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for k in keys:
-                sums[k] += float(losses[k])
-            sums["loss"] += float(loss)
-            seen += images.shape[0]
-        record = {k: round(v / max(len(loader), 1), 5) for k, v in sums.items()}
-        record.update(epoch=epoch + 1, lr=lr, images_per_s=round(seen * runtime.world_size / (time.time() - t0), 2))
-        history.append(record)
-        log.info("train_irn epoch %d/%d: loss %.4f (bg_pos %.4f fg_pos %.4f neg %.4f dp_fg %.4f dp_bg %.4f) "
-                 "lr %.2e %.1f img/s", epoch + 1, section.epochs, record["loss"], *(record[k] for k in keys), lr,
-                 record["images_per_s"])
-        if runtime.is_main:
-            artifacts.save_torch(ckpt_path, {"model": unwrap(trainer).state_dict(), "optimizer": optimizer.state_dict(),
-                                             "epoch": epoch, "history": history, "fingerprint": ctx.fingerprint})
-        runtime.barrier()
+    groups = [{"params": boundary_params, "lr_mult": 1.0},
+              {"params": displacement_params, "lr_mult": section.displacement_lr_mult}]
+
+    def losses(trainer_model, batch, step):
+        images = batch[0].to(runtime.device)
+        pairs = batch_pair_labels(batch[1], section.radius, runtime.device)
+        boundary, displacement = trainer_model(images)
+        terms = irn_losses(boundary, displacement, pairs, section.radius)
+        return {"loss": irn_total_loss(terms), **terms}
+
+    opt = section.optimizer
+    history = Trainer(ctx, model, loader, optimizer_from_config(opt, groups), losses,
+                      max_steps=section.epochs * len(loader), base_lr=opt.lr, schedule=schedule_from_config(opt),
+                      lr_key="train_irn.optimizer.lr").fit()
     if runtime.is_main:
-        save_model(ctx.sess("irn.pth"), model, args)
-    return {"outputs": {"irn": str(ctx.sess("irn.pth")), "train_images": len(ids)},
+        save_model(ctx.artifacts.weights.path("irn"), model, "irn", args)
+    return {"outputs": {"irn": str(ctx.artifacts.weights.path("irn")), "train_images": len(ids)},
             "metrics": {"final_loss": history[-1]["loss"] if history else None}}
+
+
+def expected_outputs(ctx):
+    return [ctx.artifacts.weights.path("irn")]

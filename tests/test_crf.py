@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.crf import crf_from_labels, dense_crf
+from net.crf import crf_from_labels, dense_crf
 
 HEIGHT, WIDTH, EDGE = 40, 64, 32
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from pipeline import artifacts
 from pipeline.config import DataConfig
-from pipeline.data import build_dataset
+from dataset.registry import build_dataset
 from pipeline.errors import PipelineError
 
 
@@ -86,7 +86,7 @@ def test_clear_errors(tmp_path):
 
 
 def test_coco_ids_and_labels_from_masks(tmp_path):
-    from coco.dataset import category_id_to_label, label_to_category_id
+    from dataset.coco import category_id_to_label, label_to_category_id
 
     assert category_id_to_label(1) == 1 and category_id_to_label(90) == 80 and category_id_to_label(13) == 12
     assert all(category_id_to_label(label_to_category_id(k)) == k for k in range(1, 81))

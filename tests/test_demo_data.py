@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from pipeline.artifacts import load_label_png, load_rgb
-from pipeline.classes import COCO_CLASSES, VOC_CLASSES
-from pipeline.demo_data import generate_demo_data
+from dataset.classes import COCO_CLASSES, VOC_CLASSES
+from dataset.demo import generate_demo_data
 from pipeline.errors import PipelineError
 
 

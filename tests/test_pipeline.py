@@ -252,7 +252,7 @@ def test_coco_layout_end_to_end(tmp_path):
     for stage in ("eval_cam", "eval_sem_seg", "test_deeplab", "crf"):
         record = json.loads((result / "metrics" / f"{stage}.json").read_text())
         assert record["n_images"] in (6, 3)
-        assert set(record["per_class_iou"]) <= set(__import__("pipeline.classes", fromlist=["x"]).COCO_CLASSES)
+        assert set(record["per_class_iou"]) <= set(__import__("dataset.classes", fromlist=["x"]).COCO_CLASSES)
     # 81 output classes for COCO: logits carry background + 80
     logit = np.load(next((result / "deeplab" / "logit").glob("*.npz")))["logit"]
     assert logit.shape[0] == 81

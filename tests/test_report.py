@@ -19,8 +19,8 @@ from PIL import Image
 
 from pipeline.artifacts import save_json, save_label_png, voc_palette
 from pipeline.config import load_config
-from pipeline.data import build_dataset
-from pipeline.demo_data import generate_demo_data
+from dataset.registry import build_dataset
+from dataset.demo import generate_demo_data
 from pipeline.errors import PipelineError
 from pipeline.report import UNSURE_RGB, colorize_label, config_drift, pick_samples, write_report
 from pipeline.runner import stage_fingerprint, stage_status

@@ -1,4 +1,4 @@
-"""Synthetic demo data in the real VOC 2012 or COCO 2014 (VOC-style) layout.
+"""The synthetic demo images: object shapes, textures, backgrounds and one sample's drawing.
 
 The images are built so that each later stage has something to improve on:
 every class has a distinct silhouette and a class-typical texture, but only one
@@ -16,37 +16,23 @@ so the same seed gives byte-identical files.
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
-import json
 import math
-import shutil
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import cv2
 import numpy as np
-from PIL import Image
 
-from pipeline.artifacts import atomic_path, save_label_png
-from pipeline.classes import COCO_CLASSES, IGNORE_LABEL, VOC_CLASSES
-from pipeline.errors import PipelineError
-
-LAYOUTS = ("voc", "coco")
-JPEG_QUALITY = 95
 IMAGE_SIDE_RANGE = (112, 176)  # inclusive, drawn per side
-MARKER_NAME = "demo_data.json"  # written last; marks the folder as ours to overwrite
 
 # Shape kinds, in a fixed order, and the class name each layout gives them.
 KINDS = ("plane", "bird", "car", "cat", "person")
-_CLASS_NAMES = {
+CLASS_NAMES = {
     "voc": {"plane": "aeroplane", "bird": "bird", "car": "car", "cat": "cat", "person": "person"},
     "coco": {"plane": "airplane", "bird": "bird", "car": "car", "cat": "cat", "person": "person"},
 }
-_LABEL_SPACES = {"voc": VOC_CLASSES, "coco": COCO_CLASSES}
-_SPLIT_CODES = {"train": 0, "val": 1}
+SPLIT_CODES = {"train": 0, "val": 1}
 
 
 # --------------------------------------------------------------------------- shapes
@@ -358,14 +344,14 @@ def _paint_object(rng: np.random.Generator, image: np.ndarray, placed: _Placed) 
     image[ys, xs] = pixels
 
 
-def _outline(instances: np.ndarray) -> np.ndarray:
+def outline(instances: np.ndarray) -> np.ndarray:
     """Pixels next to a different instance (or background): the thin ignore band real VOC has."""
     kernel = np.ones((3, 3), np.uint8)
     return cv2.dilate(instances, kernel) != cv2.erode(instances, kernel)
 
 
 @dataclass
-class _Sample:
+class Sample:
     image: np.ndarray  # (H, W, 3) uint8
     instances: np.ndarray  # (H, W) uint8: 0 background, k = k-th object, no outline
     kinds: list[str]  # kind of object k + 1
@@ -382,7 +368,7 @@ def _choose_kinds(rng: np.random.Generator, primary: str) -> list[str]:
     return kinds
 
 
-def _make_sample(rng: np.random.Generator, primary: str) -> _Sample:
+def make_sample(rng: np.random.Generator, primary: str) -> Sample:
     height, width = (int(x) for x in rng.integers(IMAGE_SIDE_RANGE[0], IMAGE_SIDE_RANGE[1] + 1, size=2))
     image = _background(rng, height, width)
     wanted = _choose_kinds(rng, primary)
@@ -407,154 +393,6 @@ def _make_sample(rng: np.random.Generator, primary: str) -> _Sample:
             break
         # a second or third object that cannot be placed after 30 tries is left out
     image += rng.normal(scale=3.0, size=image.shape)
-    return _Sample(np.clip(np.round(image), 0, 255).astype(np.uint8), instances, [p.kind for p in placed])
+    return Sample(np.clip(np.round(image), 0, 255).astype(np.uint8), instances, [p.kind for p in placed])
 
 
-# --------------------------------------------------------------------------- writing
-
-def _voc_xml(image_id: str, sample: _Sample, class_names: dict[str, str]) -> bytes:
-    height, width = sample.instances.shape
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = "VOC2012"
-    ET.SubElement(root, "filename").text = f"{image_id}.jpg"
-    source = ET.SubElement(root, "source")
-    ET.SubElement(source, "database").text = "WSSS synthetic demo"
-    size = ET.SubElement(root, "size")
-    ET.SubElement(size, "width").text = str(width)
-    ET.SubElement(size, "height").text = str(height)
-    ET.SubElement(size, "depth").text = "3"
-    ET.SubElement(root, "segmented").text = "1"
-    for index, kind in enumerate(sample.kinds, start=1):
-        ys, xs = np.nonzero(sample.instances == index)
-        obj = ET.SubElement(root, "object")
-        ET.SubElement(obj, "name").text = class_names[kind]
-        ET.SubElement(obj, "pose").text = "Unspecified"
-        truncated = xs.min() == 0 or ys.min() == 0 or xs.max() == width - 1 or ys.max() == height - 1
-        ET.SubElement(obj, "truncated").text = str(int(truncated))
-        ET.SubElement(obj, "difficult").text = "0"
-        box = ET.SubElement(obj, "bndbox")
-        # VOC boxes are 1-based and inclusive
-        for tag, value in (("xmin", xs.min()), ("ymin", ys.min()), ("xmax", xs.max()), ("ymax", ys.max())):
-            ET.SubElement(box, tag).text = str(int(value) + 1)
-    ET.indent(root, space="\t")
-    return ET.tostring(root, encoding="utf-8") + b"\n"
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def _write_jpeg(path: Path, image: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        # 4:4:4 chroma keeps colour edges as sharp as the luminance ones
-        Image.fromarray(image, mode="RGB").save(tmp, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-
-
-def _prepare_output(out: Path) -> None:
-    """Refuse to write into a folder that holds anything but an earlier demo; clear an earlier demo."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise PipelineError(f"demo data output {out} exists and is not a folder")
-    if (out / MARKER_NAME).exists():
-        (out / MARKER_NAME).unlink()
-        for sub in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationClassAug",
-                    "SegmentationObject", "ImageSets"):
-            if (out / sub).is_dir():
-                shutil.rmtree(out / sub)
-    elif any(out.iterdir()):
-        raise PipelineError(f"demo data output {out} is not empty and holds no earlier demo ({MARKER_NAME}); "
-                            "choose an empty or new folder")
-
-
-def generate_demo_data(out, n_train: int = 160, n_val: int = 32, seed: int = 0, layout: str = "voc") -> dict:
-    """Write a synthetic data set in the VOC 2012 (`out` is the VOC2012 folder)
-    or the VOC-style COCO 2014 layout, and return a summary of it.
-
-    The same arguments give byte-identical files. An earlier demo in `out` is
-    replaced; a non-empty folder that is not a demo is refused.
-    """
-    if layout not in LAYOUTS:
-        raise PipelineError(f"unknown demo data layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-    for name, value in (("n_train", n_train), ("n_val", n_val)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise PipelineError(f"demo data {name} must be an integer >= 1, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise PipelineError(f"demo data seed must be an integer >= 0, got {seed!r}")
-    out = Path(out)
-    _prepare_output(out)
-    class_names = _CLASS_NAMES[layout]
-    label_space = _LABEL_SPACES[layout]
-    class_ids = {kind: label_space.index(name) for kind, name in class_names.items()}
-    lookup = np.zeros(256, np.uint8)  # instance index -> class id, filled per image
-
-    split_ids: dict[str, list[str]] = {}
-    for split, count in (("train", int(n_train)), ("val", int(n_val))):
-        split_rng = np.random.default_rng([seed, _SPLIT_CODES[split]])
-        # the first object's class cycles through a reshuffled class list, so classes stay balanced
-        primaries = [KINDS[i] for _ in range(count // len(KINDS) + 1) for i in split_rng.permutation(len(KINDS))]
-        ids = []
-        for index in range(count):
-            sample = _make_sample(np.random.default_rng([seed, _SPLIT_CODES[split], index]), primaries[index])
-            outline = _outline(sample.instances)
-            lookup[:] = 0
-            for k, kind in enumerate(sample.kinds, start=1):
-                lookup[k] = class_ids[kind]
-            semantic = lookup[sample.instances]
-            semantic[outline] = IGNORE_LABEL
-            if layout == "voc":
-                # one running number across splits, as VOC ids are unique over train and val
-                image_id = f"2007_{index + 1 + (0 if split == 'train' else int(n_train)):06d}"
-                _write_jpeg(out / "JPEGImages" / f"{image_id}.jpg", sample.image)
-                _write_bytes(out / "Annotations" / f"{image_id}.xml", _voc_xml(image_id, sample, class_names))
-                save_label_png(out / "SegmentationClass" / f"{image_id}.png", semantic)
-                save_label_png(out / "SegmentationClassAug" / f"{image_id}.png", semantic)
-                objects = sample.instances.copy()
-                objects[outline] = IGNORE_LABEL
-                save_label_png(out / "SegmentationObject" / f"{image_id}.png", objects)
-            else:
-                folder = f"{split}2014"
-                image_id = f"COCO_{folder}_{index + 1:012d}"
-                _write_jpeg(out / "JPEGImages" / folder / f"{image_id}.jpg", sample.image)
-                save_label_png(out / "SegmentationClass" / folder / f"{image_id}.png", semantic)
-            ids.append(image_id)
-        split_ids[split] = ids
-
-    if layout == "voc":
-        lists = out / "ImageSets" / "Segmentation"
-        for name, ids in (("train", split_ids["train"]), ("val", split_ids["val"]), ("train_aug", split_ids["train"])):
-            _write_bytes(lists / f"{name}.txt", ("\n".join(ids) + "\n").encode())
-
-    summary = {
-        "layout": layout,
-        "out": str(out),
-        "seed": int(seed),
-        "n_train": len(split_ids["train"]),
-        "n_val": len(split_ids["val"]),
-        "classes": [class_names[k] for k in KINDS],
-        "class_ids": [class_ids[k] for k in KINDS],
-        "image_side_range": list(IMAGE_SIDE_RANGE),
-    }
-    # the marker leaves out the path, so the folder's bytes do not depend on where it was written
-    marker = {key: value for key, value in summary.items() if key != "out"}
-    _write_bytes(out / MARKER_NAME, (json.dumps(marker, indent=2) + "\n").encode())
-    return summary
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic WSSS demo data set.")
-    parser.add_argument("out", help="output folder (the VOC2012 folder for --layout voc)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="voc")
-    parser.add_argument("--n-train", type=int, default=64)
-    parser.add_argument("--n-val", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        print(json.dumps(generate_demo_data(args.out, args.n_train, args.n_val, args.seed, args.layout), indent=2))
-    except PipelineError as e:
-        raise SystemExit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()

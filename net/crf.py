@@ -85,3 +85,9 @@ def crf_from_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, gt_pro
     unary[flat, np.arange(flat.size)] = -np.log(gt_prob)
     posterior = _run(image, unary, n_iters, gauss_sxy, gauss_compat, bilat_sxy, bilat_srgb, bilat_compat)
     return posterior.argmax(axis=0).astype(np.int64)
+
+
+def crf_arguments(params) -> dict:
+    """Keyword arguments of `dense_crf` / `crf_from_labels` from a config `CrfParams` block."""
+    return {"n_iters": params.iters, "gauss_sxy": params.gauss_sxy, "gauss_compat": params.gauss_compat,
+            "bilat_sxy": params.bilat_sxy, "bilat_srgb": params.bilat_srgb, "bilat_compat": params.bilat_compat}

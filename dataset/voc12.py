@@ -7,13 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import artifacts
-from pipeline.classes import VOC_CLASSES
-from pipeline.data import SegmentationDataset, read_list_file
+from dataset.classes import VOC_CLASSES
+from dataset.base import SegmentationDataset, read_list_file
+from dataset.registry import register_dataset
 from pipeline.errors import PipelineError
 
 _CLASS_INDEX = {name: i - 1 for i, name in enumerate(VOC_CLASSES) if i > 0}
 
 
+@register_dataset("voc12")
 class VOC12Dataset(SegmentationDataset):
     name = "voc12"
     class_names = VOC_CLASSES
@@ -48,6 +50,9 @@ class VOC12Dataset(SegmentationDataset):
         """SegmentationObject PNG: instance index 1..n per pixel, 0 background, 255 void."""
         return self.root / "SegmentationObject" / f"{image_id}.png"
 
+    def has_instance_masks(self, split: str) -> bool:
+        return all(self.instance_mask_path(i).exists() for i in self.ids(split))
+
     def load_instance_mask(self, image_id: str) -> np.ndarray:
         path = self.instance_mask_path(image_id)
         if not path.exists():
@@ -57,7 +62,7 @@ class VOC12Dataset(SegmentationDataset):
     def annotation_path(self, image_id: str) -> Path:
         return self.root / "Annotations" / f"{image_id}.xml"
 
-    def _label_sources(self, ids: list[str]) -> list[Path]:
+    def label_sources(self, ids: list[str]) -> list[Path]:
         return [self.annotation_path(i) for i in ids]
 
     def _derive_labels(self, image_id: str) -> list[int]:

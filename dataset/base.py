@@ -1,4 +1,4 @@
-"""Data set interface shared by VOC and COCO.
+"""The data set interface every registered layout implements (VOC, COCO, ...).
 
 A data set knows its split lists, where each image and mask lives, and the
 image-level labels of each image (foreground class indices 0..C-1, i.e. label
@@ -45,7 +45,7 @@ class SegmentationDataset:
     def mask_path(self, image_id: str) -> Path:
         raise NotImplementedError  # abstract
 
-    def _label_sources(self, ids: list[str]) -> list[Path]:
+    def label_sources(self, ids: list[str]) -> list[Path]:
         """Files the image-level labels are derived from (their stats key the cache)."""
         raise NotImplementedError  # abstract
 
@@ -75,6 +75,10 @@ class SegmentationDataset:
 
     def has_masks(self, split: str) -> bool:
         return all(self.mask_path(i).exists() for i in self.ids(split))
+
+    def has_instance_masks(self, split: str) -> bool:
+        """Instance ground truth (eval_ins_seg); layouts without it answer False."""
+        return False
 
     def load_image(self, image_id: str) -> np.ndarray:
         return artifacts.load_rgb(self.image_path(image_id))
@@ -107,7 +111,7 @@ class SegmentationDataset:
     def load_label_cache(self, splits: list[str]) -> None:
         """Derive (or read from the cache) the labels of every image of `splits`."""
         ids = sorted({i for s in splits for i in self.ids(s)})
-        sources = self._label_sources(ids)
+        sources = self.label_sources(ids)
         digest = hashlib.sha256()
         digest.update(str(self.root.resolve()).encode())
         for path in sources:
@@ -138,15 +142,3 @@ def read_list_file(path: Path) -> list[str]:
         if line:
             ids.append(Path(line.split()[0]).stem)
     return ids
-
-
-def build_dataset(data_cfg, cache_dir: str | Path | None = None) -> SegmentationDataset:
-    if data_cfg.dataset == "voc12":
-        from voc12.dataset import VOC12Dataset
-
-        return VOC12Dataset(data_cfg.root, cache_dir)
-    if data_cfg.dataset == "coco":
-        from coco.dataset import COCODataset
-
-        return COCODataset(data_cfg.root, cache_dir)
-    raise PipelineError(f"data.dataset: unknown data set {data_cfg.dataset!r}")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.classes import COCO_CATEGORY_IDS, COCO_CLASSES
-from pipeline.data import SegmentationDataset, read_list_file
+from dataset.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+from dataset.base import SegmentationDataset, read_list_file
+from dataset.registry import register_dataset
 from pipeline.errors import PipelineError
 
 SPLIT_ALIASES = {"train": "train2014", "val": "val2014", "train2014": "train2014", "val2014": "val2014"}
@@ -37,6 +38,7 @@ def split_folder(image_id: str) -> str:
     raise PipelineError(f"cannot tell the COCO split of image id {image_id!r} (expected COCO_<split>_<number>)")
 
 
+@register_dataset("coco")
 class COCODataset(SegmentationDataset):
     name = "coco"
     class_names = COCO_CLASSES
@@ -59,7 +61,7 @@ class COCODataset(SegmentationDataset):
     def mask_path(self, image_id: str) -> Path:
         return self.root / "SegmentationClass" / split_folder(image_id) / f"{image_id}.png"
 
-    def _label_sources(self, ids: list[str]) -> list[Path]:
+    def label_sources(self, ids: list[str]) -> list[Path]:
         return [self.mask_path(i) for i in ids]
 
     def _derive_labels(self, image_id: str) -> list[int]:

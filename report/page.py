@@ -21,12 +21,14 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-from PIL import Image
 
 from pipeline import artifacts
-from pipeline.classes import IGNORE_LABEL
+from pipeline.catalogue import Catalogue
+from dataset.classes import IGNORE_LABEL
 from pipeline.config import Config, config_to_dict
 from pipeline.errors import PipelineError
+from report.pictures import (STAGE_COLOURS, THUMB_SIDE, UNSURE_RGB, cam_overlay, colorize_label, fit,  # noqa: F401
+                             iou_chart, save_png, sweep_chart)
 
 log = logging.getLogger("wsss")
 
@@ -37,131 +39,20 @@ EVAL_STAGES = (
     ("test_deeplab", "DeepLab"),
     ("crf", "DeepLab + CRF"),
 )
-STAGE_COLOURS = {"eval_cam": "#4c72b0", "eval_sem_seg": "#dd8452", "test_deeplab": "#55a868", "crf": "#c44e52"}
-# Unsure (IR labels) / ignore (ground truth) pixels: a light grey that is no VOC palette colour
-# and stands apart from mid grey (128,128,128), which is class 7 (car).
-UNSURE_RGB = (210, 210, 210)
-THUMB_SIDE = 156          # long side of every picture of the sample section, in pixels
 HAS_MANIFEST = ("done", "incomplete", "stale")
-NOT_RUN_STATES = ("not run", "disabled", "not implemented")
+NOT_RUN_STATES = ("not run", "disabled", "not in this method")
 
 
-# ----------------------------------------------------------------------------- pictures
-
-def colorize_label(label: np.ndarray) -> np.ndarray:
-    """(H, W) label ids -> (H, W, 3) uint8 RGB: VOC palette, 255 (unsure / ignore) grey."""
-    rgb = artifacts.voc_palette()[label]
-    rgb[label == IGNORE_LABEL] = UNSURE_RGB
-    return rgb
-
-
-def fit(image: np.ndarray, side: int = THUMB_SIDE, nearest: bool = False) -> np.ndarray:
-    """Resize so the long side is `side` pixels (nearest neighbour for label maps)."""
-    import cv2
-
-    h, w = image.shape[:2]
-    scale = side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if size == (w, h):
-        return image
-    if nearest:
-        interp = cv2.INTER_NEAREST
-    else:
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(image, size, interpolation=interp)
+@dataclass(frozen=True)
+class _NotInMethod:
+    """The status of a stage the run's method does not have."""
+    name: str = ""
+    state: str = "not in this method"
+    reason: str = ""
+    manifest: dict | None = None
 
 
-def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """Jet heat map of `cam` (values in [0, 1]) blended over the RGB image."""
-    import cv2
-    from matplotlib import colormaps
-
-    if cam.shape != image.shape[:2]:
-        cam = cv2.resize(cam.astype(np.float32), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
-    heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255
-    return np.clip((1 - alpha) * image.astype(np.float32) + alpha * heat, 0, 255).astype(np.uint8)
-
-
-def _save_png(path: Path, rgb: np.ndarray) -> None:
-    with artifacts.atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG")
-
-
-def _new_figure(width: float, height: float):
-    # An explicit Agg canvas: no pyplot, no global backend switch.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_figure(fig, path: Path) -> None:
-    with artifacts.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-
-
-def iou_chart(path: Path, classes: list[str], series: list[tuple[str, str, dict]]) -> None:
-    """Grouped bars: per class (and mIoU last), one bar per stage. series = [(stage, title, record)]."""
-    groups = classes + ["mIoU"]
-    n_groups, n_series = len(groups), len(series)
-    width = 0.8 / n_series
-    horizontal = n_groups > 24
-    if horizontal:
-        fig = _new_figure(8, max(4, 0.12 * n_groups * n_series + 1))
-    else:
-        fig = _new_figure(min(18, max(6.5, 1.2 + n_groups * (0.16 * n_series + 0.25))), 4.2)
-    ax = fig.add_subplot(111)
-    pos = np.arange(n_groups)
-    for s, (stage, title, record) in enumerate(series):
-        values = [record.get("per_class_iou", {}).get(c, np.nan) for c in classes] + [record.get("miou", np.nan)]
-        offset = pos - 0.4 + width * (s + 0.5)
-        if horizontal:
-            ax.barh(offset, values, height=width, label=title, color=STAGE_COLOURS.get(stage))
-        else:
-            ax.bar(offset, values, width=width, label=title, color=STAGE_COLOURS.get(stage))
-    if horizontal:
-        ax.set_yticks(pos, groups)
-        ax.invert_yaxis()
-        ax.set_xlabel("IoU (%)")
-        ax.set_xlim(0, 100)
-        ax.grid(axis="x", alpha=0.3)
-    else:
-        tilt = n_groups > 5 or max(len(g) for g in groups) > 10
-        ax.set_xticks(pos, groups, rotation=30 if tilt else 0, ha="right" if tilt else "center",
-                      rotation_mode="anchor")
-        ax.set_ylabel("IoU (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(axis="y", alpha=0.3)
-        ax.axvline(n_groups - 1.5, color="#999999", lw=0.8, ls=":")
-    ax.set_axisbelow(True)
-    ax.legend(loc="upper right", fontsize=9, ncol=min(4, n_series), frameon=False)
-    ax.set_title("Per-class IoU by stage")
-    _save_figure(fig, path)
-
-
-def sweep_chart(path: Path, record: dict) -> None:
-    """mIoU of the CAMs against the background threshold, with the configured and best thresholds marked."""
-    points = sorted((float(t), float(v)) for t, v in record["sweep"].items())
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    fig = _new_figure(6.5, 3.6)
-    ax = fig.add_subplot(111)
-    ax.plot(xs, ys, marker="o", color=STAGE_COLOURS["eval_cam"], lw=1.8, ms=4, label="mIoU")
-    threshold = record.get("threshold")
-    if threshold is not None:
-        ax.axvline(threshold, color="#555555", ls="--", lw=1,
-                   label=f"configured {threshold:.2f} ({record.get('miou', float('nan')):.1f}%)")
-    best = record.get("best_threshold")
-    if best is not None and record.get("best_miou") is not None:
-        ax.plot([best], [record["best_miou"]], marker="*", ms=14, color=STAGE_COLOURS["crf"], ls="none",
-                label=f"best {best:.2f} ({record['best_miou']:.1f}%)")
-    ax.set_xlabel("background threshold")
-    ax.set_ylabel("CAM mIoU (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, frameon=False)
-    ax.set_title("CAM threshold sweep")
-    _save_figure(fig, path)
+NOT_IN_METHOD = _NotInMethod()
 
 
 # ----------------------------------------------------------------------------- data gathering
@@ -177,7 +68,7 @@ class _Page:
         return self.dir / "img"
 
     def picture(self, name: str, rgb: np.ndarray) -> str:
-        _save_png(self.img_dir / name, rgb)
+        save_png(self.img_dir / name, rgb)
         return self._src(name)
 
     def figure(self, name: str, draw, *args) -> str:
@@ -196,11 +87,10 @@ class _Page:
 
 
 def _statuses(cfg: Config, runtime) -> dict:
-    from pipeline.runner import StageStatus, stage_status
-    from pipeline.stage import STAGE_NAMES
+    from pipeline.runner import StageStatus, method_of, stage_status
 
     out = {}
-    for name in STAGE_NAMES:
+    for name in method_of(cfg).stage_names:
         try:
             out[name] = stage_status(cfg, name, runtime)
         except Exception as e:   # e.g. data root gone, odd manifest: still report what the manifest says
@@ -217,13 +107,13 @@ def _statuses(cfg: Config, runtime) -> dict:
 def _metrics(cfg: Config, statuses: dict) -> dict:
     """stage -> metric record, only for stages with a manifest (a 'not run' stage's old file is ignored)."""
     out = {}
+    metric_files = Catalogue(cfg.result_dir, cfg.sess_dir).metrics
     for stage, _ in EVAL_STAGES:
-        status = statuses[stage]
-        path = cfg.result_dir / "metrics" / f"{stage}.json"
-        if status.manifest is None or not path.exists():
+        status = statuses.get(stage)
+        if status is None or status.manifest is None or not metric_files.exists(stage):
             continue
         try:
-            record = artifacts.load_json(path)
+            record = metric_files.read(stage)
         except PipelineError as e:
             log.warning("report: %s", e)
             continue
@@ -381,13 +271,13 @@ def _config_section(cfg: Config, deeplab_split: str) -> str:
         ("splits", f"train {d.train_split} · infer {d.infer_split} · eval {d.eval_split} · val {d.val_split}"
                    f" · DeepLab test {deeplab_split}"),
         ("CAM network", f"CNN {tc.cnn.backbone} (pretrained: {tc.cnn.pretrained}) + ViT {tc.vit.name} "
-                        f"(pretrained: {tc.vit.pretrained}); {tc.epochs} epochs, {tc.optimizer}, lr {tc.lr}"),
+                        f"(pretrained: {tc.vit.pretrained}); {tc.epochs} epochs, {tc.optimizer.kind}, lr {tc.optimizer.lr}"),
         ("CAMs", f"source {cfg.make_cam.cam_source}, scales {cfg.make_cam.scales}, "
                  f"eval threshold {cfg.eval_cam.threshold}"),
         ("IR labels", f"fg {cfg.cam_to_ir_label.conf_fg_thres} / bg {cfg.cam_to_ir_label.conf_bg_thres}"),
         ("IRNet", f"{cfg.train_irn.backbone} (pretrained: {cfg.train_irn.pretrained}), {cfg.train_irn.epochs} epochs; "
-                  f"random walk radius {cfg.make_sem_seg.radius}, β {cfg.make_sem_seg.beta}, "
-                  f"2^{cfg.make_sem_seg.exp_times} steps, bg {cfg.make_sem_seg.sem_seg_bg_thres}"),
+                  f"random walk radius {cfg.make_sem_seg.walk.radius}, β {cfg.make_sem_seg.walk.beta}, "
+                  f"2^{cfg.make_sem_seg.walk.exp_times} steps, bg {cfg.make_sem_seg.bg_threshold}"),
         ("DeepLab", f"{cfg.train_deeplab.backbone} (pretrained: {cfg.train_deeplab.pretrained}), "
                     f"{cfg.train_deeplab.iterations} iterations, batch {cfg.train_deeplab.batch_size}"
                     f"×{cfg.train_deeplab.accumulation}, crop {cfg.train_deeplab.crop_size}"),
@@ -434,7 +324,7 @@ def _quality_section(page: _Page, cfg: Config, statuses: dict, metrics: dict, cl
         if stage in metrics:
             value = f'{metrics[stage]["miou"]:.1f}%'
         else:
-            value = _not_run_text(statuses[stage]) or ("no metric" if statuses[stage].manifest else "not run")
+            value = _not_run_text(statuses.get(stage, NOT_IN_METHOD)) or ("no metric" if statuses.get(stage, NOT_IN_METHOD).manifest else "not run")
         cards.append(f'<div class="card"><div class="k">{_e(title)} mIoU</div><div class="v">{_e(value)}</div></div>')
     parts.append(f'<div class="cards">{"".join(cards)}</div>')
     if not metrics:
@@ -445,7 +335,7 @@ def _quality_section(page: _Page, cfg: Config, statuses: dict, metrics: dict, cl
     order += sorted(seen - set(order))
     head, sub = ["<th>class</th>"], ["<td class=note>split · images</td>"]
     for stage, title in EVAL_STAGES:
-        st = statuses[stage]
+        st = statuses.get(stage, NOT_IN_METHOD)
         flag = f" ({st.state})" if st.state in ("stale", "incomplete", "unknown") else ""
         head.append(f'<th class=num><span class="sw" style="background:{STAGE_COLOURS[stage]}"></span>'
                     f"{_e(title + flag)}</th>")
@@ -491,7 +381,7 @@ def _sweep_section(page: _Page, statuses: dict, metrics: dict) -> str:
     parts = ['<h2 id="sweep">CAM threshold sweep</h2>']
     record = metrics.get("eval_cam")
     if record is None:
-        text = _not_run_text(statuses["eval_cam"]) or "not available"
+        text = _not_run_text(statuses.get("eval_cam", NOT_IN_METHOD)) or "not available"
         parts.append(f'<p class="muted">eval_cam: {_e(text)}.</p>')
     elif not record.get("sweep"):
         parts.append('<p class="muted">eval_cam recorded no sweep: not available.</p>')
@@ -552,9 +442,7 @@ def _stale(status) -> str:
 
 
 def _sample_block(page: _Page, cfg: Config, dataset, statuses: dict, image_id: str, index: int) -> str:
-    from stages.make_cam import read_cam
-
-    res = cfg.result_dir
+    files = Catalogue(cfg.result_dir, cfg.sess_dir)
     stem = f"s{index:02d}_{_safe(image_id)}"
     try:
         image = dataset.load_image(image_id)
@@ -573,16 +461,15 @@ def _sample_block(page: _Page, cfg: Config, dataset, statuses: dict, image_id: s
 
     names = dataset.class_names
     # CAM heat maps, one per class of the image
-    st = statuses["make_cam"]
-    cam_file = res / "cam" / f"{image_id}.npz"
+    st = statuses.get("make_cam", NOT_IN_METHOD)
     has_cam = False
     if _not_run_text(st):
         tiles.missing("CAM", _not_run_text(st))
-    elif not cam_file.exists():
+    elif not files.cam.exists(image_id):
         tiles.missing("CAM", "not available")
     else:
         try:
-            cam = read_cam(cam_file)
+            cam = files.cam.read(image_id)
         except PipelineError as e:
             log.warning("report: %s", e)
             cam = None
@@ -600,11 +487,13 @@ def _sample_block(page: _Page, cfg: Config, dataset, statuses: dict, image_id: s
             has_cam = True
 
     for stage, kind, caption, path in (
-        ("cam_to_ir_label", "ir", "IR label", res / "ir_label" / f"{image_id}.png"),
-        ("make_sem_seg", "pseudo", "pseudo label", res / "sem_seg" / f"{image_id}.png"),
-        ("crf", "crf", "DeepLab + CRF", res / "deeplab" / "crf" / f"{image_id}.png"),
+        ("cam_to_ir_label", "ir", "IR label", files.ir_label.path(image_id)),
+        ("make_sem_seg", "pseudo", "pseudo label", files.sem_seg.path(image_id)),
+        ("crf", "crf", "DeepLab + CRF", files.crf_label.path(image_id)),
     ):
-        st = statuses[stage]
+        if stage not in statuses:
+            continue
+        st = statuses.get(stage, NOT_IN_METHOD)
         not_run = _not_run_text(st)
         tiles.label(kind, None if not_run else _load_label(path), caption + ("" if not_run else _stale(st)), not_run,
                     "unsure" if kind == "ir" else "ignore")
@@ -617,9 +506,7 @@ def _sample_block(page: _Page, cfg: Config, dataset, statuses: dict, image_id: s
 
 
 def _deeplab_block(page: _Page, cfg: Config, dataset, image_id: str, index: int) -> str:
-    from stages.crf import crf_path
-    from stages.test_deeplab import pred_path
-
+    files = Catalogue(cfg.result_dir, cfg.sess_dir)
     stem = f"d{index:02d}_{_safe(image_id)}"
     try:
         image = dataset.load_image(image_id)
@@ -631,8 +518,8 @@ def _deeplab_block(page: _Page, cfg: Config, dataset, image_id: str, index: int)
         tiles.rgb("image", image, "image")
     else:
         tiles.missing("image", "not available")
-    tiles.label("deeplab", _load_label(pred_path(cfg.result_dir, image_id)), "DeepLab", None)
-    tiles.label("crf", _load_label(crf_path(cfg.result_dir, image_id)), "DeepLab + CRF", None)
+    tiles.label("deeplab", _load_label(files.prediction.path(image_id)), "DeepLab", None)
+    tiles.label("crf", _load_label(files.crf_label.path(image_id)), "DeepLab + CRF", None)
     tiles.label("gt", _load_label(dataset.mask_path(image_id)), "ground truth", None)
     return (f'<div class="sample"><h3>{_e(image_id)}</h3><div class="row">{"".join(tiles.figs)}</div>'
             f"{_legend(tiles.labels, dataset.class_names, False, tiles.ignore_in)}</div>")
@@ -655,7 +542,7 @@ def _samples_section(page: _Page, cfg: Config, dataset, statuses: dict, n_images
         return "".join(parts)
     parts.append(f'<p class="note">{len(chosen)} of {len(ids)} images, spread evenly over the split. '
                  f'Label maps use the VOC palette; grey = unsure (IR label) or ignore (ground truth).')
-    show_deeplab = deeplab_split != split and statuses["test_deeplab"].manifest is not None
+    show_deeplab = deeplab_split != split and statuses.get("test_deeplab", NOT_IN_METHOD).manifest is not None
     if show_deeplab:
         parts.append(f" DeepLab + CRF predictions exist for the DeepLab test split '{_e(deeplab_split)}' only, "
                      "so they are shown for the images of that split below.")
@@ -685,7 +572,7 @@ def write_report(cfg: Config, n_images: int = 6, runtime=None) -> Path:
         from pipeline.runtime import init_runtime
 
         runtime = init_runtime("cpu")
-    from pipeline.data import build_dataset
+    from dataset.registry import build_dataset
 
     t0 = time.time()
     page = _Page(cfg.result_dir / "report")
@@ -698,7 +585,7 @@ def write_report(cfg: Config, n_images: int = 6, runtime=None) -> Path:
     except PipelineError as e:
         dataset, class_names = None, []
         data_note = f'<p class="muted">Data set not available: {_e(e)}</p>'
-    manifest = statuses["test_deeplab"].manifest or {}
+    manifest = statuses.get("test_deeplab", NOT_IN_METHOD).manifest or {}
     deeplab_split = (manifest.get("outputs") or {}).get("split") or cfg.test_deeplab.split or cfg.data.val_split
 
     sections = [
