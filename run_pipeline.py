@@ -30,9 +30,20 @@ ConfigOpt = typer.Option(..., "--config", "-c", help="YAML config file.")
 SetOpt = typer.Option(None, "--set", help="Override a config key: --set train_cam.epochs=5 (repeatable).")
 
 
+def one_line(message: str) -> str:
+    """A message as one line. An error raised in a DataLoader worker arrives wrapped in the
+    worker's traceback: keep its own last line."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        lines = lines[-1:]
+        lines[0] = lines[0].split(": ", 1)[-1] if lines[0].startswith(("pipeline.errors.", "PipelineError")) \
+            else lines[0]
+    return " ".join(lines)
+
+
 def _fail(error) -> None:
     """One line on stderr and exit 2 (130 for an interruption)."""
-    typer.echo(f"error: {error}", err=True)
+    typer.echo(f"error: {one_line(str(error))}", err=True)
     raise typer.Exit(code=getattr(error, "exit_code", 2))
 
 

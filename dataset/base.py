@@ -83,11 +83,21 @@ class SegmentationDataset:
     def load_image(self, image_id: str) -> np.ndarray:
         return artifacts.load_rgb(self.image_path(image_id))
 
-    def load_mask(self, image_id: str) -> np.ndarray:
+    def load_mask(self, image_id: str, size_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """The ground-truth label ids of an image, checked: ids 0..C or 255, and (when given)
+        the image's size."""
         path = self.mask_path(image_id)
         if not path.exists():
             raise PipelineError(f"ground-truth mask missing: {path}")
-        return artifacts.load_label_png(path)
+        mask = artifacts.load_label_png(path)
+        bad = mask[(mask != 255) & (mask >= len(self.class_names))]
+        if bad.size:
+            raise PipelineError(f"mask {path} holds label {int(bad.max())}; this data set has labels "
+                                f"0..{len(self.class_names) - 1} and 255 (ignore)")
+        if size_hw is not None and mask.shape != tuple(size_hw):
+            raise PipelineError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]}, its image "
+                                f"{self.image_path(image_id)} is {size_hw[1]}x{size_hw[0]}")
+        return mask
 
     def class_labels(self, image_id: str) -> np.ndarray:
         """Foreground class indices (0-based) present in the image."""

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -88,8 +89,9 @@ def load_npz(path) -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     except FileNotFoundError:
         raise PipelineError(f"missing file: {path}") from None
-    except (ValueError, OSError, EOFError) as e:
-        raise PipelineError(f"corrupt or unreadable array file {path}: {e}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise PipelineError(f"corrupt or unreadable array file {path}: {e}; delete it and re-run its stage") \
+            from None
 
 
 def voc_palette() -> np.ndarray:

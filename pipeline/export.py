@@ -30,6 +30,15 @@ def _check_destination(dest: Path) -> Path:
     list_file = dest / "pseudo_seg_labels.txt"
     if list_file.exists() and not list_file.is_file():
         raise PipelineError(f"export: {list_file} exists and is not a file")
+    for parent in (dest, *dest.parents):
+        if parent.exists():
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise PipelineError(f"export: cannot write into {dest}: {parent} is not a writable folder")
+            break
+    return labels_dir
+
+
+def _make_destination(labels_dir: Path) -> Path:
     try:
         labels_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -42,6 +51,8 @@ def _check_destination(dest: Path) -> Path:
 def export_pseudo_labels(cfg: Config, runtime, dest: str | Path, copy: bool = False) -> dict:
     if LABEL_STAGE not in method_of(cfg).stage_names:
         raise PipelineError(f"cannot export: method '{cfg.method}' has no stage '{LABEL_STAGE}'")
+    dest = Path(dest)
+    labels_dir = _check_destination(dest)
     status = stage_status(cfg, LABEL_STAGE, runtime)
     if not status.done:
         why = f": {status.reason}" if status.reason else ""
@@ -53,8 +64,7 @@ def export_pseudo_labels(cfg: Config, runtime, dest: str | Path, copy: bool = Fa
     dataset = build_dataset(cfg.data)
     ids = dataset.ids(cfg.data.infer_split)
     pseudo_labels = catalogue_of(cfg).sem_seg
-    dest = Path(dest)
-    labels_dir = _check_destination(dest)
+    _make_destination(labels_dir)
     lines = []
     try:
         for image_id in ids:

@@ -251,11 +251,11 @@ def preflight(cfg: Config, plan: list[StageSpec], runtime, explicit=()) -> list[
     stage whose split has no ground truth is left out with one line, or is an error when it was
     asked for by name. Returns the plan that will run."""
     prints = Fingerprints(cfg)
-    dataset = prints.dataset
     kept: list[StageSpec] = []
     for spec in plan:
         skip_reason = ""
         for split in split_names(cfg, spec):
+            dataset = prints.dataset
             ids = dataset.ids(split)       # an unknown or empty split is an error here
             if "images" in spec.needs:
                 dataset.check_images(split)
@@ -320,6 +320,9 @@ def run_stage(cfg: Config, spec: StageSpec, runtime, prints: Fingerprints | None
     # Outputs and checkpoints are reused only when made under the same fingerprint.
     resume = not fresh and started.exists() and load_json(started).get("fingerprint") == fp
     module = spec.load()
+    ctx = make_context(cfg, spec, runtime, fp, resume=resume)
+    if hasattr(module, "check"):
+        module.check(ctx)          # inputs a user can break (weights files): fail before touching anything
     runtime.barrier()
     if runtime.is_main:
         artifacts.manifest.path(spec.name).unlink(missing_ok=True)
@@ -327,7 +330,6 @@ def run_stage(cfg: Config, spec: StageSpec, runtime, prints: Fingerprints | None
             discard_outputs(cfg, spec, runtime)
         save_json(started, {"fingerprint": fp})
     runtime.barrier()
-    ctx = make_context(cfg, spec, runtime, fp, resume=resume)
     seed_everything(stage_seed(cfg.seed, spec.name) + runtime.rank)
     log.info("== %s (%s)", spec.name, "resuming" if resume else "fresh")
     t0 = time.time()

@@ -4,6 +4,8 @@ A stage is a module (by default `stages/<name>.py`) with
     run(ctx: StageContext) -> dict          # summary: outputs, metrics (written into the manifest)
 and optionally
     expected_outputs(ctx) -> list[Path]     # the files it leaves; a missing one makes it incomplete
+    check(ctx) -> None                      # validate inputs a user can break (weights files) before
+                                            # the runner discards anything
 Per-image stages compute only the images whose output is missing (when resuming).
 
 A StageSpec declares the stage once: its upstream stages, the artifact kinds it writes, the

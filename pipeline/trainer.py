@@ -114,7 +114,7 @@ def set_rng_state(state: dict) -> None:
 def check_finite(loss: torch.Tensor, stage: str, step: int, lr_key: str) -> None:
     """Stop at the first non-finite loss instead of training on garbage for hours."""
     if not torch.isfinite(loss).all():
-        raise PipelineError(f"{stage}: the loss became {float(loss)} at step {step}; training diverged. "
+        raise PipelineError(f"{stage}: the loss became {float(loss.detach())} at step {step}; training diverged. "
                             f"Lower {lr_key} (or switch amp off) and re-run the stage.")
 
 
@@ -160,6 +160,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and self.runtime.device.type == "cuda")
         self.history: list[dict] = []
         self.step = 0
+        # loss sums since the last log record (checkpointed, so a resumed run logs the same figures)
+        self.running: dict[str, float] = {}
         self.checkpoint_path = ctx.artifacts.checkpoint.path(ctx.name)
 
     # -- checkpoints ---------------------------------------------------------------
@@ -168,7 +170,7 @@ class Trainer:
             self.ctx.artifacts.checkpoint.write(self.ctx.name, {
                 "fingerprint": self.ctx.fingerprint, "step": self.step, "model": unwrap(self.model).state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "history": self.history, "rng": rng_state()})
+                "history": self.history, "rng": rng_state(), "running": dict(self.running)})
         self.runtime.barrier()
 
     def _resume(self) -> None:
@@ -186,6 +188,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.history, self.step = state["history"], state["step"]
+        self.running = {k: float(v) for k, v in state.get("running", {}).items()}
         set_rng_state(state["rng"])
         log.info("%s: resuming at step %d/%d from %s", self.ctx.name, self.step, self.max_steps, self.checkpoint_path)
 
@@ -206,8 +209,7 @@ class Trainer:
         model = wrap_ddp(self.model, self.runtime)
         model.train()
         stream = self._batches()
-        sums: dict[str, float] = {}
-        count, seen, t0 = 0, 0, time.time()
+        seen, t0 = 0, time.time()
         name = self.ctx.name
         for step in progress(range(self.step, self.max_steps), name, total=self.max_steps - self.step,
                              enabled=self.runtime.is_main):
@@ -220,16 +222,17 @@ class Trainer:
                 check_finite(terms["loss"], name, step, self.lr_key)
                 self.scaler.scale(terms["loss"] / self.accumulation).backward()
                 for key, value in terms.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / self.accumulation
+                    self.running[key] = self.running.get(key, 0.0) + float(value.detach()) / self.accumulation
                 seen += int(batch[0].shape[0])
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            count += 1
+            self.running["_steps"] = self.running.get("_steps", 0.0) + 1
             self.step = done = step + 1
             epoch_end = done % self.steps_per_epoch == 0
             if done % self.log_every == 0 or epoch_end or done == self.max_steps:
+                count = self.running.pop("_steps")
                 record = {"step": done, "epoch": round(done / self.steps_per_epoch, 3),
-                          **{k: round(v / count, 5) for k, v in sums.items()}, "lr": lr,
+                          **{k: round(v / count, 5) for k, v in self.running.items()}, "lr": lr,
                           "images_per_s": round(seen * self.runtime.world_size / max(time.time() - t0, 1e-9), 2)}
                 if epoch_end and self.on_epoch_end is not None:
                     record.update(self.on_epoch_end(done // self.steps_per_epoch, model) or {})
@@ -239,7 +242,7 @@ class Trainer:
                                        if k not in ("step", "epoch", "lr", "images_per_s"))
                 log.info("%s step %d/%d (epoch %.2f): %s, lr %.2e, %.1f img/s", name, done, self.max_steps,
                          record["epoch"], terms_text, lr, record["images_per_s"])
-                sums, count, seen, t0 = {}, 0, 0, time.time()
+                self.running, seen, t0 = {}, 0, time.time()
             if done % self.checkpoint_every == 0 and done < self.max_steps:
                 self._save()
         return self.history
@@ -308,6 +311,8 @@ def make_loader(dataset, batch_size: int, runtime, num_workers: int, shuffle: bo
         per_rank = max(sampler.per_rank, 1)
     if runtime.distributed:
         log.info("%s: global batch %d = %d per rank × %d ranks", key, batch_size, per_rank, runtime.world_size)
+    # Its own generator: a DataLoader otherwise draws its worker seed from the global torch RNG at
+    # every new epoch, which would make a resumed run's dropout differ from an uninterrupted one.
     return DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=num_workers,
                       drop_last=drop_last, pin_memory=runtime.device.type == "cuda",
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))

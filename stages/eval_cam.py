@@ -42,7 +42,7 @@ def run(ctx) -> dict:
             raise PipelineError(f"eval_cam: no CAM for {image_id} ({cams.path(image_id)}); is eval_split "
                                 f"'{data.eval_split}' inside infer_split '{data.infer_split}'?")
         cam = cams.read(image_id)
-        gt = dataset.load_mask(image_id)
+        gt = dataset.load_mask(image_id, size_hw=cam["high_res"].shape[1:])
         for t in thresholds:
             confusions[t] += confusion_matrix(cam_to_prediction(cam["high_res"], cam["keys"], t), gt, n_labels)
     sweep = {str(t): round(miou_percent(confusions[t]), 3) for t in thresholds}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from net.registry import load_model
+from net.registry import load_model, read_model_file
 from pipeline.runtime import progress
 from pipeline.transforms import normalize, resize, scaled_size, to_tensor
 
@@ -88,3 +88,9 @@ def run(ctx) -> dict:
     sizes = [cams.path(i).stat().st_size for i in ids[:50] if cams.exists(i)]
     return {"outputs": {"images": len(ids), "computed_on_rank0": len(todo),
                         "mean_bytes_per_image": int(np.mean(sizes)) if sizes else 0}}
+
+
+def check(ctx) -> None:
+    kinds = {"cnn": "resnet_cam", "vit": "vit_cam"}
+    for branch in {"vit": ["vit"], "cnn": ["cnn"], "fuse": ["cnn", "vit"]}[ctx.section.cam_source]:
+        read_model_file(ctx.artifacts.weights.path(f"cam_{branch}"), "cpu", expect=kinds[branch])

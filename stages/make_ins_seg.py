@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from net.irn import boundary_and_displacement, check_same_grid
-from net.registry import load_model
+from net.registry import load_model, read_model_file
 from pipeline.runtime import progress
 
 log = logging.getLogger("wsss")
@@ -85,3 +85,7 @@ def run(ctx) -> dict:
         instances.write(image_id, detected)
         detections += len(detected["score"])
     return {"outputs": {"images": len(ids), "computed_on_rank0": len(todo), "detections_on_rank0": detections}}
+
+
+def check(ctx) -> None:
+    read_model_file(ctx.artifacts.weights.path("irn"), "cpu", expect="irn")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from net.irn import boundary_and_displacement, check_same_grid
-from net.registry import load_model
+from net.registry import load_model, read_model_file
 from pipeline.runtime import progress
 
 log = logging.getLogger("wsss")
@@ -56,3 +56,7 @@ def run(ctx) -> dict:
         label = walk_to_labels(np.asarray(walked), cam["keys"], image.shape[:2], section.bg_threshold)
         pseudo_labels.write(image_id, label)
     return {"outputs": {"images": len(ids), "computed_on_rank0": len(todo)}}
+
+
+def check(ctx) -> None:
+    read_model_file(ctx.artifacts.weights.path("irn"), "cpu", expect="irn")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from net.registry import load_model
+from net.registry import load_model, read_model_file
 from pipeline.metrics import evaluate_and_write
 from pipeline.runtime import progress
 from pipeline.transforms import normalize, to_tensor
@@ -68,3 +68,7 @@ def run(ctx) -> dict:
     record = evaluate_and_write(ctx.artifacts, dataset, ids, predictions, "test_deeplab", split=split)
     summary["metrics"] = {"miou": record["miou"]}
     return summary
+
+
+def check(ctx) -> None:
+    read_model_file(ctx.artifacts.weights.path("deeplab"), "cpu", expect="deeplab")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from net.backbone import copy_backbone_from
-from net.registry import build_model, save_model
+from net.registry import build_model, read_model_file, save_model
 from pipeline.errors import PipelineError
 from pipeline.trainer import Trainer, make_loader, optimizer_from_config, schedule_from_config
 from pipeline.transforms import SegmentationCropDataset
@@ -59,3 +59,8 @@ def run(ctx) -> dict:
 
 def expected_outputs(ctx):
     return [ctx.artifacts.weights.path("deeplab")]
+
+
+def check(ctx) -> None:
+    if ctx.section.init_from_cam:
+        read_model_file(ctx.artifacts.weights.path("cam_cnn"), "cpu", expect="resnet_cam")
