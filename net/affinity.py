@@ -64,13 +64,15 @@ def _paths(radius: int) -> tuple[np.ndarray, ...]:
     return tuple(path_pixels(int(dy), int(dx)) for dy, dx in _pair_offsets(radius))
 
 
-def pair_labels(label: np.ndarray, radius: int) -> dict[str, np.ndarray]:
+def pair_labels(label: np.ndarray, radius: int, cropped_sources: bool = False) -> dict[str, np.ndarray]:
     """Affinity labels of every pair (source, source + offset_k) from a stride-4 label map.
 
     `label` (h, w) uint8: 0 background, 1..C foreground classes, 255 unsure.
     Returns boolean (K, h, w) masks over source positions: `bg_pos` (both 0),
     `fg_pos` (the same foreground class), `neg` (two different confident labels).
     A pair with an unsure end, or whose target falls outside the image, is in none.
+    `cropped_sources` (the reference's PathIndex): only sources whose every pair stays inside
+    the grid count, rows [0, h − radius + 1) and columns [radius − 1, w − radius + 1).
     """
     label = np.asarray(label)
     if label.ndim != 2:
@@ -82,6 +84,10 @@ def pair_labels(label: np.ndarray, radius: int) -> dict[str, np.ndarray]:
     source = label[None]
     target = np.stack([padded[dy:dy + h, r + dx:r + dx + w] for dy, dx in _pair_offsets(r)])
     confident = (source != 255) & (target != 255)
+    if cropped_sources:
+        inside = np.zeros((h, w), bool)
+        inside[:max(h - r + 1, 0), r - 1:max(w - r + 1, r - 1)] = True
+        confident &= inside[None]
     same = source == target
     return {
         "bg_pos": confident & same & (source == 0),

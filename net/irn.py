@@ -76,15 +76,22 @@ def _resize_relu(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class _RunningMeanCentering(nn.Module):
-    """IRNet's "mean shift": track the mean displacement in training, subtract it in eval."""
+    """IRNet's "mean shift": in eval, subtract `running_mean` from the displacement field; in
+    training, return it unchanged. The reference never updates the mean in training: its
+    train_irn sets it afterwards from one pass over the inference images
+    (stages/train_irn.set_displacement_mean). `track_in_training` instead keeps a running
+    mean during training (momentum 0.1), an option of ours."""
 
-    def __init__(self, channels: int, momentum: float = 0.1):
+    def __init__(self, channels: int, momentum: float = 0.1, track_in_training: bool = False):
         super().__init__()
         self.momentum = momentum
+        self.track_in_training = track_in_training
         self.register_buffer("running_mean", torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
+            if not self.track_in_training:
+                return x
             with torch.no_grad():
                 self.running_mean.mul_(1 - self.momentum).add_(x.mean(dim=(0, 2, 3)), alpha=self.momentum)
             return x
@@ -131,8 +138,9 @@ class IRNet(nn.Module):
             taps.append(getattr(b, name)(taps[-1]))
         return taps
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(boundary logit (B, 1, ⌈H/4⌉, ⌈W/4⌉), displacement (B, 2, ⌈H/4⌉, ⌈W/4⌉) as (dy, dx))."""
+    def forward(self, x: Tensor, centre: bool = True) -> tuple[Tensor, Tensor]:
+        """(boundary logit (B, 1, ⌈H/4⌉, ⌈W/4⌉), displacement (B, 2, ⌈H/4⌉, ⌈W/4⌉) as (dy, dx));
+        `centre=False` gives the displacement before the mean shift."""
         height, width = x.shape[-2:]
         x = F.pad(x, (0, -width % 16, 0, -height % 16))
         with torch.no_grad():
@@ -150,7 +158,9 @@ class IRNet(nn.Module):
 
         out_height, out_width = math.ceil(height / 4), math.ceil(width / 4)
         boundary = boundary[..., :out_height, :out_width]
-        displacement = self.displacement_centering(displacement[..., :out_height, :out_width])
+        displacement = displacement[..., :out_height, :out_width]
+        if centre:
+            displacement = self.displacement_centering(displacement)
         return boundary, displacement
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -219,18 +229,26 @@ def irn_total_loss(losses: dict[str, Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def boundary_and_displacement(model: IRNet, image, mean, std, device) -> tuple:
+def boundary_and_displacement(model: IRNet, image, mean, std, device, pad_to: int = 0) -> tuple:
     """IRN inference on one uint8 image: the boundary probability (⌈H/4⌉, ⌈W/4⌉) from the image
     and its mirror image (logits averaged, the mirror's flipped back), and the image's own
     displacement field (2, ⌈H/4⌉, ⌈W/4⌉) (the reference ignores the mirrored one, whose dx
-    would need a sign flip). Both as numpy arrays."""
+    would need a sign flip). Both as numpy arrays. `pad_to`: the normalised image and its
+    mirror are zero-padded at the bottom/right to at least pad_to × pad_to first (the
+    reference pads to 512, so GroupNorm sees training's padded statistics); outputs are
+    cropped back to the image's grid."""
     import numpy as np
 
     from pipeline.transforms import normalize, to_tensor
 
+    height, width = image.shape[:2]
     x = normalize(image, mean, std)
-    batch = torch.stack([to_tensor(x), to_tensor(np.ascontiguousarray(x[:, ::-1]))]).to(device)
+    mirrored = np.ascontiguousarray(x[:, ::-1])
+    pad = (0, max(pad_to - width, 0), 0, max(pad_to - height, 0))
+    batch = torch.stack([F.pad(to_tensor(x), pad), F.pad(to_tensor(mirrored), pad)]).to(device)
     logits, displacement = model(batch)
+    grid_h, grid_w = math.ceil(height / 4), math.ceil(width / 4)
+    logits, displacement = logits[..., :grid_h, :grid_w], displacement[..., :grid_h, :grid_w]
     boundary = torch.sigmoid(logits[0, 0] / 2 + logits[1, 0].flip(-1) / 2)
     return boundary.cpu().numpy(), displacement[0].cpu().numpy()
 

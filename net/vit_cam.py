@@ -2,8 +2,9 @@
 with its block stack applied several times, and a 3x3 conv head on the patch
 tokens that gives one feature map per class.
 
-Windows. The image is zero-padded at the bottom/right to a multiple of
-window/2 (and to at least one window); windows of side `window` are cut at
+Windows. The image is zero-padded at the bottom/right (`window_padding`: "minimal" to the
+next multiple of window/2, "reference" as CRT's code, one half window more when a side is
+already a multiple; at least one window); windows of side `window` are cut at
 stride window/2 and all go through the ViT in one batch. The per-window class
 maps are put back on the padded patch grid, averaged where windows overlap
 (1, 2 or 4 windows cover a cell), and cropped to ceil(H/p) x ceil(W/p). The
@@ -65,15 +66,27 @@ class WindowLayout:
         return self.rows * self.cols
 
 
-def window_layout(height: int, width: int, window: int) -> WindowLayout:
-    """Pad each side up to a multiple of window/2, at least `window`; count the windows."""
+def padded_side(side: int, window: int, padding: str = "reference") -> int:
+    """The padded length of one side. "minimal": the next multiple of window/2; "reference" (CRT's
+    code): (side // (window/2) + 1) × window/2, so a side that is already a multiple still gets a
+    full extra half window. Both at least one window."""
+    half = window // 2
+    if padding == "reference":
+        return max(window, (side // half + 1) * half)
+    if padding == "minimal":
+        return max(window, math.ceil(side / half) * half)
+    raise PipelineError(f"window padding must be 'reference' or 'minimal', got {padding!r}")
+
+
+def window_layout(height: int, width: int, window: int, padding: str = "minimal") -> WindowLayout:
+    """Pad each side (see `padded_side`); count the windows of stride window/2."""
     if window < 2 or window % 2:
         raise PipelineError(f"window size must be an even number of pixels, got {window}")
     if height < 1 or width < 1:
         raise PipelineError(f"empty image: {height}x{width}")
     half = window // 2
-    padded_height = max(window, math.ceil(height / half) * half)
-    padded_width = max(window, math.ceil(width / half) * half)
+    padded_height = padded_side(height, window, padding)
+    padded_width = padded_side(width, window, padding)
     return WindowLayout(
         height, width, window, padded_height, padded_width,
         rows=(padded_height - window) // half + 1, cols=(padded_width - window) // half + 1,
@@ -151,6 +164,7 @@ class ViTCAM(nn.Module):
         window: int = 224,
         recurrence: int = 3,
         residual_first_pass: bool = False,
+        window_padding: str = "minimal",
         **model_kwargs,
     ):
         super().__init__()
@@ -177,6 +191,8 @@ class ViTCAM(nn.Module):
         self.window = window
         self.recurrence = recurrence
         self.residual_first_pass = residual_first_pass
+        padded_side(window, window, window_padding)      # an unknown name fails here, not at forward
+        self.window_padding = window_padding
         self.head = nn.Conv2d(self.vit.embed_dim, num_classes, kernel_size=3, padding=1)
 
     def encode(self, windows: Tensor, on_attention: Callable[[Tensor], None] | None = None) -> Tensor:
@@ -213,7 +229,7 @@ class ViTCAM(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Returns (logits (B, C), merged raw class maps (B, C, ceil(H/p), ceil(W/p)))."""
-        layout = window_layout(x.shape[2], x.shape[3], self.window)
+        layout = window_layout(x.shape[2], x.shape[3], self.window, self.window_padding)
         maps = self.window_maps(self.encode(tile_windows(x, layout)))
         merged = self._merge_and_crop(maps, layout)
         return merged.mean(dim=(2, 3)), merged
@@ -222,7 +238,7 @@ class ViTCAM(nn.Module):
         """CRT's CAM (B, C, ceil(H/p), ceil(W/p)): class-token attention x class maps, merged, ReLU'd."""
         if self.vit.cls_token is None:
             raise PipelineError("semantic_cam needs a ViT with a class token; this timm model has none")
-        layout = window_layout(x.shape[2], x.shape[3], self.window)
+        layout = window_layout(x.shape[2], x.shape[3], self.window, self.window_padding)
         prefix = self.vit.num_prefix_tokens
         cls_attention: Tensor | None = None
 

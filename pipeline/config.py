@@ -103,12 +103,20 @@ class DataConfig:
 
 @dataclass
 class CNNBranchConfig:
-    backbone: str = "resnet152"
+    # torchvision's original ImageNet weights, as the reference (timm's default tags for resnet50/101/152
+    # are timm's own recipes, with other features)
+    backbone: str = "resnet152.tv_in1k"
     pretrained: Union[bool, str] = True
     output_stride: Literal[8, 16, 32] = 16
-    # The reference freezes BatchNorm and the stem/layer1/layer2 of its ImageNet backbone;
+    # The reference reaches stride 16 by removing the last stage's stride without dilating it
+    # (timm's output_stride=16 dilates it): false reproduces the reference.
+    dilate_last_stage: bool = False
+    # The reference freezes BatchNorm statistics and the stem/layer1/layer2 of its ImageNet backbone;
     # switch both off only for random-init backbones (the CPU demo).
     freeze_bn: bool = True
+    # With frozen statistics, the reference still trains the BatchNorm scale and shift of the
+    # later stages (only the stem is fully frozen): true reproduces it.
+    bn_affine_trainable: bool = True
     freeze_early_stages: bool = True
 
 
@@ -118,6 +126,13 @@ class ViTBranchConfig:
     pretrained: Union[bool, str] = True
     window: int = checked(224, POSITIVE)
     recurrence: int = checked(3, POSITIVE)
+    # CRT's code adds the outer residual x = x + blocks(x) on every pass, the first included
+    # (true); false makes recurrence 1 exactly timm's ViT.
+    residual_first_pass: bool = True
+    # "reference": each side padded to (side // (window/2) + 1) * (window/2), so a side that is
+    # already a multiple still gets a full extra half window, as CRT's code does; "minimal":
+    # padded to the next multiple of window/2.
+    window_padding: Literal["reference", "minimal"] = "reference"
     model_kwargs: dict[str, Any] = checked({})
 
 
@@ -134,6 +149,8 @@ class TrainCamConfig:
     head_lr_mult: float = checked(10.0, POSITIVE)
     cam_lambda: float = checked(0.1, NON_NEGATIVE)
     consistency_start_epoch: int = checked(1, NON_NEGATIVE)   # 0-based: CRT starts at the second epoch
+    consistency_align_corners: bool = True   # the reference upsamples both CAMs with align_corners=True
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # image rescaling (the reference: PIL bicubic)
     amp: bool = False
     num_workers: int = checked(2, NON_NEGATIVE)
     validate: bool = True
@@ -144,6 +161,11 @@ class MakeCamConfig:
     enabled: bool = True
     cam_source: Literal["vit", "cnn", "fuse"] = "vit"
     scales: list[float] = checked([1.0, 0.5, 1.5, 2.0, 0.75, 1.25, 1.75], SCALES)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # image rescaling (the reference: PIL bicubic)
+    # Full-resolution CAMs: each scale's map is upsampled to the image size rounded up to this
+    # multiple, then cropped. The reference rounds to 16 (its network stride); rounding to 4
+    # (the stride-4 grid) shifts peaks by 4-11 px on a 375x500 image.
+    full_res_rounding: int = checked(16, POSITIVE)
 
 
 @dataclass
@@ -167,12 +189,20 @@ class CamToIrLabelConfig:
 @dataclass
 class TrainIrnConfig:
     enabled: bool = True
-    backbone: str = "resnet50"
+    backbone: str = "resnet50.tv_in1k"         # torchvision's weights, as the reference
     pretrained: Union[bool, str] = True
+    dilate_last_stage: bool = False            # stride 16 without dilation, as the reference
     # Start the (frozen) backbone from this run's CAM CNN branch instead of `pretrained`
     # weights: for runs without ImageNet weights (the CPU demo). Needs the same backbone name.
     init_from_cam: bool = False
     radius: int = checked(10, POSITIVE)
+    # "cropped": pair sources only where every pair of the radius stays inside the label grid
+    # (rows < h - radius + 1, columns within radius - 1 of neither side), as the reference's
+    # PathIndex; "all": every source whose target is inside.
+    pair_sources: Literal["cropped", "all"] = "cropped"
+    # The reference leaves the displacement uncentred in training and sets its mean from one pass
+    # over the infer split afterwards ("inference_pass"); "running": a running mean in training.
+    displacement_mean: Literal["inference_pass", "running"] = "inference_pass"
     crop_size: int = checked(512, POSITIVE)
     rescale: list[float] = checked([0.5, 1.5], RANGE)
     batch_size: int = checked(32, POSITIVE)
@@ -186,6 +216,9 @@ class TrainIrnConfig:
 class MakeSemSegConfig:
     enabled: bool = True
     walk: RandomWalkParams = checked(RandomWalkParams())
+    # IRN inference pads the image (bottom/right) to at least this square, as the reference, so
+    # GroupNorm sees the padded statistics of training (0: no padding)
+    irn_pad_to: int = checked(512, NON_NEGATIVE)
     bg_threshold: float = checked(0.25, UNIT)
 
 
@@ -198,6 +231,7 @@ class EvalSemSegConfig:
 class MakeInsSegConfig:
     enabled: bool = False
     walk: RandomWalkParams = checked(RandomWalkParams())
+    irn_pad_to: int = checked(512, NON_NEGATIVE)      # as make_sem_seg.irn_pad_to
     bg_threshold: float = checked(0.25, UNIT)
     min_fragment_fraction: float = checked(0.01, UNIT)  # pieces under this share of the image score 0 (IRNet)
 

@@ -21,10 +21,17 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def resize(image: np.ndarray, size_hw: tuple[int, int], nearest: bool = False) -> np.ndarray:
+def resize(image: np.ndarray, size_hw: tuple[int, int], nearest: bool = False,
+           interpolation: str = "bilinear") -> np.ndarray:
+    """Resize an (H, W[, C]) array. `interpolation` "bicubic" uses PIL's bicubic filter on uint8
+    RGB, as CRT/IRNet rescale their images; "bilinear" uses OpenCV; `nearest` for label maps."""
     h, w = size_hw
     if image.shape[:2] == (h, w):
         return image
+    if interpolation == "bicubic" and not nearest and image.dtype == np.uint8 and image.ndim == 3:
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST_EXACT if nearest else cv2.INTER_LINEAR)
 
 
@@ -62,9 +69,11 @@ class ClassificationDataset(Dataset):
     Validation (train=False): long side resized to `crop` (no randomness), padded to crop×crop.
     """
 
-    def __init__(self, dataset, ids, crop: int, resize_long, mean, std, train: bool = True, seed: int = 0):
+    def __init__(self, dataset, ids, crop: int, resize_long, mean, std, train: bool = True, seed: int = 0,
+                 interpolation: str = "bilinear"):
         self.dataset, self.ids, self.crop = dataset, list(ids), crop
         self.resize_long, self.mean, self.std, self.train, self.seed = resize_long, mean, std, train, seed
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -76,7 +85,7 @@ class ClassificationDataset(Dataset):
         image = self.dataset.load_image(image_id)
         h, w = image.shape[:2]
         target_long = rng.integers(self.resize_long[0], self.resize_long[1] + 1) if self.train else self.crop
-        image = resize(image, scaled_size((h, w), target_long / max(h, w)))
+        image = resize(image, scaled_size((h, w), target_long / max(h, w)), interpolation=self.interpolation)
         if self.train and rng.random() < 0.5:
             image = image[:, ::-1]
         image = normalize(image, self.mean, self.std)

@@ -28,13 +28,26 @@ def sweep_thresholds(spec) -> list[float]:
     return [round(start + i * step, 4) for i in range(count)]
 
 
+def source_maps(cam: dict) -> dict[str, np.ndarray]:
+    """Full-resolution maps per CAM source in a CAM artifact: the configured one ("cam"), and on
+    the eval split each branch and their fusion (each branch's maps are normalised to max 1 per
+    class, the fusion is their sum renormalised, as make_cam fuses)."""
+    maps = {"cam": cam["high_res"]}
+    if "cnn_high_res" in cam and "vit_high_res" in cam:
+        maps["cnn"], maps["vit"] = cam["cnn_high_res"], cam["vit_high_res"]
+        fused = maps["cnn"] + maps["vit"]
+        peak = fused.reshape(len(fused), -1).max(axis=1).reshape(-1, 1, 1) if len(fused) else 1.0
+        maps["fuse"] = fused / (peak + 1e-5)
+    return maps
+
+
 def run(ctx) -> dict:
     section, data = ctx.section, ctx.data
     dataset, cams = ctx.dataset, ctx.artifacts.cam
     ids = dataset.ids(data.eval_split)     # the preflight checked their masks
     thresholds = sorted(set(sweep_thresholds(section.sweep)) | {round(section.threshold, 4)})
     n_labels = len(dataset.class_names)
-    confusions = {t: np.zeros((n_labels, n_labels), np.int64) for t in thresholds}
+    confusions: dict[str, dict[float, np.ndarray]] = {}
     if not ctx.runtime.is_main:
         return {}
     for image_id in progress(ids, "eval_cam"):
@@ -43,14 +56,33 @@ def run(ctx) -> dict:
                                 f"'{data.eval_split}' inside infer_split '{data.infer_split}'?")
         cam = cams.read(image_id)
         gt = dataset.load_mask(image_id, size_hw=cam["high_res"].shape[1:])
-        for t in thresholds:
-            confusions[t] += confusion_matrix(cam_to_prediction(cam["high_res"], cam["keys"], t), gt, n_labels)
-    sweep = {str(t): round(miou_percent(confusions[t]), 3) for t in thresholds}
-    best = max(thresholds, key=lambda t: miou_percent(confusions[t]))
-    record = metric_record(confusions[round(section.threshold, 4)], dataset.class_names, len(ids),
-                           threshold=section.threshold, best_threshold=best,
-                           best_miou=round(miou_percent(confusions[best]), 3), sweep=sweep)
+        for source, maps in source_maps(cam).items():
+            per_threshold = confusions.setdefault(
+                source, {t: np.zeros((n_labels, n_labels), np.int64) for t in thresholds})
+            for t in thresholds:
+                per_threshold[t] += confusion_matrix(cam_to_prediction(maps, cam["keys"], t), gt, n_labels)
+
+    def summary(per_threshold) -> tuple[dict, float]:
+        best = max(thresholds, key=lambda t: miou_percent(per_threshold[t]))
+        record = metric_record(per_threshold[round(section.threshold, 4)], dataset.class_names, len(ids),
+                               threshold=section.threshold, best_threshold=best,
+                               best_miou=round(miou_percent(per_threshold[best]), 3),
+                               sweep={str(t): round(miou_percent(per_threshold[t]), 3) for t in thresholds})
+        return record, best
+
+    record, best = summary(confusions.pop("cam"))
+    if len(confusions) < 3 and confusions:
+        log.warning("eval_cam: per-branch maps missing for some images (CAMs from an older make_cam?)")
+    record["sources"] = {}
+    for source in ("cnn", "vit", "fuse"):
+        if source in confusions:
+            sub, _ = summary(confusions[source])
+            record["sources"][source] = {k: sub[k] for k in ("miou", "best_threshold", "best_miou", "per_class_iou")}
     write_metrics(ctx.artifacts.metrics, "eval_cam", record)
     log.info("eval_cam: mIoU %.2f%% at threshold %.2f; best %.2f%% at %.2f", record["miou"], section.threshold,
              record["best_miou"], best)
-    return {"metrics": {"miou": record["miou"], "best_threshold": best, "best_miou": record["best_miou"]}}
+    for source, sub in record["sources"].items():
+        log.info("eval_cam: %-4s branch: mIoU %.2f%% at %.2f; best %.2f%% at %.2f", source, sub["miou"],
+                 section.threshold, sub["best_miou"], sub["best_threshold"])
+    return {"metrics": {"miou": record["miou"], "best_threshold": best, "best_miou": record["best_miou"],
+                        **{f"{k}_miou": v["miou"] for k, v in record["sources"].items()}}}

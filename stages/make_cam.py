@@ -34,28 +34,39 @@ def normalize_cams(cams: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
     return selected / (peak + 1e-5)
 
 
-def load_cam_models(ctx, source: str) -> list:
-    wanted = {"vit": ["vit"], "cnn": ["cnn"], "fuse": ["cnn", "vit"]}[source]
-    kinds = {"cnn": "resnet_cam", "vit": "vit_cam"}
-    return [(branch, load_model(ctx.artifacts.weights.path(f"cam_{branch}"), ctx.device, expect=kinds[branch]))
-            for branch in wanted]
+BRANCH_KINDS = {"cnn": "resnet_cam", "vit": "vit_cam"}
+SOURCES = {"vit": ("vit",), "cnn": ("cnn",), "fuse": ("cnn", "vit")}
+
+
+def load_cam_models(ctx, branches) -> dict:
+    return {branch: load_model(ctx.artifacts.weights.path(f"cam_{branch}"), ctx.device, expect=BRANCH_KINDS[branch])
+            for branch in branches}
+
+
+def branch_cam_fn(branch: str, model):
+    """The branch's non-negative class maps of a batch: the CNN's ReLU'd CAM, the ViT's
+    semantic-aware CAM (CRT's)."""
+    return (lambda batch: F.relu(model.cam(batch))) if branch == "cnn" else model.semantic_cam
 
 
 @torch.no_grad()
-def multiscale_cam(model_fn, image: np.ndarray, scales, mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over scales of (map(image) + flip(map(flipped image))), resized to the stride-4
-    grid and to full resolution. `model_fn(batch) -> (B, C, h, w)` non-negative maps."""
+def multiscale_cam(model_fn, image: np.ndarray, scales, mean, std, device, interpolation: str = "bicubic",
+                   full_res_rounding: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over scales of (map(image) + flip(map(flipped image))), each scale's map resized to
+    the stride-4 grid (⌈H/4⌉, ⌈W/4⌉) and, for full resolution, to the image size rounded up to
+    `full_res_rounding` then cropped to (H, W), as the reference. `model_fn(batch) -> (B, C, h, w)`."""
     h, w = image.shape[:2]
     s4 = strided_size((h, w), 4)
+    up = strided_size((h, w), full_res_rounding)
+    up = (up[0] * full_res_rounding, up[1] * full_res_rounding)
     strided_sum, full_sum = None, None
     for scale in scales:
-        scaled = normalize(resize(image, scaled_size((h, w), scale)), mean, std)
+        scaled = normalize(resize(image, scaled_size((h, w), scale), interpolation=interpolation), mean, std)
         batch = torch.stack([to_tensor(scaled), to_tensor(np.ascontiguousarray(scaled[:, ::-1]))]).to(device)
         maps = model_fn(batch).float()
         fused = (maps[0] + maps[1].flip(-1)).unsqueeze(0)
         strided = F.interpolate(fused, size=s4, mode="bilinear", align_corners=False)[0]
-        # full resolution via the 4× grid, cropped (the reference's way; keeps both grids aligned)
-        full = F.interpolate(fused, size=(s4[0] * 4, s4[1] * 4), mode="bilinear", align_corners=False)[0, :, :h, :w]
+        full = F.interpolate(fused, size=up, mode="bilinear", align_corners=False)[0, :, :h, :w]
         strided_sum = strided if strided_sum is None else strided_sum + strided
         full_sum = full if full_sum is None else full_sum + full
     return strided_sum, full_sum
@@ -67,30 +78,35 @@ def run(ctx) -> dict:
     ids = dataset.ids(data.infer_split)
     dataset.load_label_cache([data.infer_split])
     todo = ctx.todo(ids, cams)
+    # On the eval split, every branch's maps are kept as well, so that eval_cam can score the CNN
+    # branch, the transformer branch and their fusion side by side.
+    eval_ids = set(dataset.ids(data.eval_split)) if data.eval_split else set()
     log.info("make_cam: %d images (%d to compute on this rank), source %s, scales %s",
              len(ids), len(todo), section.cam_source, section.scales)
-    models = load_cam_models(ctx, section.cam_source) if todo else []
+    models = load_cam_models(ctx, ("cnn", "vit")) if todo else {}
     for image_id in progress(todo, "make_cam", enabled=runtime.is_main):
         image = dataset.load_image(image_id)
         keys = dataset.class_labels(image_id)
-        strided_total, full_total = None, None
-        for branch, model in models:
-            fn = (lambda b, m=model: F.relu(m.cam(b))) if branch == "cnn" else model.semantic_cam
-            strided, full = multiscale_cam(fn, image, section.scales, data.mean, data.std, ctx.device)
+        branches = ("cnn", "vit") if image_id in eval_ids else SOURCES[section.cam_source]
+        per_branch = {}
+        for branch in branches:
+            strided, full = multiscale_cam(branch_cam_fn(branch, models[branch]), image, section.scales, data.mean,
+                                           data.std, ctx.device, section.interpolation, section.full_res_rounding)
             # each branch normalised on its own before fusing, so neither dominates by scale
-            strided, full = normalize_cams(strided, keys), normalize_cams(full, keys)
-            strided_total = strided if strided_total is None else strided_total + strided
-            full_total = full if full_total is None else full_total + full
-        if len(models) > 1:
-            strided_total, full_total = normalize_cams(strided_total, np.arange(len(keys))), \
-                normalize_cams(full_total, np.arange(len(keys)))
-        cams.write(image_id, keys, strided_total, full_total)
+            per_branch[branch] = (normalize_cams(strided, keys), normalize_cams(full, keys))
+        if section.cam_source == "fuse":
+            every = np.arange(len(keys))
+            strided = normalize_cams(per_branch["cnn"][0] + per_branch["vit"][0], every)
+            full = normalize_cams(per_branch["cnn"][1] + per_branch["vit"][1], every)
+        else:
+            strided, full = per_branch[section.cam_source]
+        extra = {branch: maps[1] for branch, maps in per_branch.items()} if image_id in eval_ids else None
+        cams.write(image_id, keys, strided, full, extra=extra)
     sizes = [cams.path(i).stat().st_size for i in ids[:50] if cams.exists(i)]
     return {"outputs": {"images": len(ids), "computed_on_rank0": len(todo),
                         "mean_bytes_per_image": int(np.mean(sizes)) if sizes else 0}}
 
 
 def check(ctx) -> None:
-    kinds = {"cnn": "resnet_cam", "vit": "vit_cam"}
-    for branch in {"vit": ["vit"], "cnn": ["cnn"], "fuse": ["cnn", "vit"]}[ctx.section.cam_source]:
-        read_model_file(ctx.artifacts.weights.path(f"cam_{branch}"), "cpu", expect=kinds[branch])
+    for branch, kind in BRANCH_KINDS.items():
+        read_model_file(ctx.artifacts.weights.path(f"cam_{branch}"), "cpu", expect=kind)

@@ -76,7 +76,8 @@ def run(ctx) -> dict:
     detections, walk = 0, section.walk
     for image_id in progress(todo, "make_ins_seg", enabled=runtime.is_main):
         image, cam = dataset.load_image(image_id), cams.read(image_id)
-        boundary, displacement = boundary_and_displacement(model, image, data.mean, data.std, ctx.device)
+        boundary, displacement = boundary_and_displacement(model, image, data.mean, data.std, ctx.device,
+                                                    section.irn_pad_to)
         check_same_grid("make_ins_seg", image_id, cam, boundary)
         detected = instance_detections(cam["cam"], cam["keys"], boundary, displacement, image.shape[:2],
                                        radius=walk.radius, beta=walk.beta, exp_times=walk.exp_times,

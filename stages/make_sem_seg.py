@@ -49,7 +49,8 @@ def run(ctx) -> dict:
     walk = section.walk
     for image_id in progress(todo, "make_sem_seg", enabled=runtime.is_main):
         image, cam = dataset.load_image(image_id), cams.read(image_id)
-        boundary, _ = boundary_and_displacement(model, image, data.mean, data.std, ctx.device)
+        boundary, _ = boundary_and_displacement(model, image, data.mean, data.std, ctx.device,
+                                                    section.irn_pad_to)
         check_same_grid("make_sem_seg", image_id, cam, boundary)
         walked = random_walk(cam["cam"], boundary, radius=walk.radius, beta=walk.beta,
                              exp_times=walk.exp_times) if len(cam["keys"]) else cam["cam"]

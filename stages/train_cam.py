@@ -22,23 +22,28 @@ log = logging.getLogger("wsss")
 def cnn_model_args(section, num_classes: int) -> dict:
     return {"backbone": section.cnn.backbone, "num_classes": num_classes,
             "pretrained": section.cnn.pretrained, "output_stride": section.cnn.output_stride,
-            "freeze_bn": section.cnn.freeze_bn, "freeze_early_stages": section.cnn.freeze_early_stages}
+            "dilate_last_stage": section.cnn.dilate_last_stage, "freeze_bn": section.cnn.freeze_bn,
+            "bn_affine_trainable": section.cnn.bn_affine_trainable,
+            "freeze_early_stages": section.cnn.freeze_early_stages}
 
 
 def vit_model_args(section, num_classes: int) -> dict:
     return {"name": section.vit.name, "num_classes": num_classes, "pretrained": section.vit.pretrained,
-            "window": section.vit.window, "recurrence": section.vit.recurrence, **section.vit.model_kwargs}
+            "window": section.vit.window, "recurrence": section.vit.recurrence,
+            "residual_first_pass": section.vit.residual_first_pass, "window_padding": section.vit.window_padding,
+            **section.vit.model_kwargs}
 
 
 def cotraining_loss(logits_cnn, logits_vit, cam_cnn, cam_vit, targets, size, cam_lambda: float,
-                    consistency_on: bool) -> dict[str, torch.Tensor]:
-    """The three CRT loss terms and their sum. Raw CAMs are upsampled to `size` (H, W).
-    No stop-gradient on the consistency term: both branches learn from it."""
+                    consistency_on: bool, align_corners: bool = True) -> dict[str, torch.Tensor]:
+    """The three CRT loss terms and their sum. Raw CAMs are upsampled to `size` (H, W), with
+    `align_corners` as the reference (True). No stop-gradient on the consistency term: both
+    branches learn from it."""
     cls_cnn = F.multilabel_soft_margin_loss(logits_cnn, targets)
     cls_vit = F.multilabel_soft_margin_loss(logits_vit, targets)
     if consistency_on and cam_lambda > 0:
-        up_cnn = F.interpolate(cam_cnn, size=size, mode="bilinear", align_corners=False)
-        up_vit = F.interpolate(cam_vit, size=size, mode="bilinear", align_corners=False)
+        up_cnn = F.interpolate(cam_cnn, size=size, mode="bilinear", align_corners=align_corners)
+        up_vit = F.interpolate(cam_vit, size=size, mode="bilinear", align_corners=align_corners)
         consistency = (up_cnn - up_vit).abs().mean()
     else:
         consistency = logits_cnn.new_zeros(())
@@ -89,13 +94,14 @@ def run(ctx) -> dict:
     cnn_args, vit_args = cnn_model_args(section, num_classes), vit_model_args(section, num_classes)
     model = CoTrainer(build_model("resnet_cam", cnn_args), build_model("vit_cam", vit_args)).to(runtime.device)
     train_set = ClassificationDataset(dataset, train_ids, section.crop_size, section.resize_long,
-                                      data.mean, data.std, train=True, seed=ctx.seed)
+                                      data.mean, data.std, train=True, seed=ctx.seed,
+                                      interpolation=section.interpolation)
     loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed,
                          key="train_cam.batch_size")
     val_loader = None
     if section.validate and data.val_split:
         val_set = ClassificationDataset(dataset, dataset.ids(data.val_split), section.crop_size, section.resize_long,
-                                        data.mean, data.std, train=False)
+                                        data.mean, data.std, train=False, interpolation=section.interpolation)
         val_loader = make_loader(val_set, section.batch_size, runtime, 0, shuffle=False, seed=ctx.seed,
                                  drop_last=False, key="train_cam.batch_size")
     steps_per_epoch = len(loader)
@@ -105,7 +111,8 @@ def run(ctx) -> dict:
         logits_cnn, cam_cnn, logits_vit, cam_vit = trainer_model(images)
         consistency_on = step // steps_per_epoch >= section.consistency_start_epoch
         return cotraining_loss(logits_cnn.float(), logits_vit.float(), cam_cnn.float(), cam_vit.float(),
-                               targets, images.shape[-2:], section.cam_lambda, consistency_on)
+                               targets, images.shape[-2:], section.cam_lambda, consistency_on,
+                               section.consistency_align_corners)
 
     def validate(epoch, trainer_model):
         return {"val_loss": round(_validation_loss(trainer_model, val_loader, runtime), 5)} if val_loader else {}
