@@ -395,7 +395,28 @@ def _sweep_section(page: _Page, statuses: dict, metrics: dict) -> str:
         parts.append(f'<p class="note">mIoU {record.get("miou", float("nan")):.2f}% at the configured threshold '
                      f'{record.get("threshold")}; best {record.get("best_miou", float("nan")):.2f}% at '
                      f'{record.get("best_threshold")}.</p>')
+        parts.append(_sources_table(record))
     return "".join(parts)
+
+
+SOURCE_TITLES = {"cnn": "CNN branch", "vit": "transformer branch", "fuse": "fusion of both"}
+
+
+def _sources_table(record: dict) -> str:
+    """CAM mIoU of each source (what the co-training gives), when eval_cam recorded them."""
+    sources = record.get("sources") or {}
+    if not isinstance(sources, dict) or not sources:
+        return ""
+    rows = []
+    for name, sub in sources.items():
+        if not isinstance(sub, dict):
+            continue
+        miou, best = float(sub.get("miou", 0)), float(sub.get("best_miou", 0))
+        rows.append(f"<tr><td>{_e(SOURCE_TITLES.get(name, name))}</td><td class=num>{miou:.2f}</td>"
+                    f"<td class=num>{best:.2f}</td><td class=num>{_e(sub.get('best_threshold'))}</td></tr>")
+    rows = "".join(rows)
+    return ('<h3>CAM sources</h3><table><tr><th>source</th><th class=num>mIoU % at the threshold</th>'
+            f'<th class=num>best mIoU %</th><th class=num>best threshold</th></tr>{rows}</table>')
 
 
 def _load_label(path: Path):
