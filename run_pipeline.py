@@ -158,20 +158,34 @@ def export(
 
 @app.command()
 def report(
-    config: Path = ConfigOpt,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file of the run."),
     n_images: int = typer.Option(6, "--n-images", help="Sample images of the eval split to show."),
+    compare: Optional[List[Path]] = typer.Option(
+        None, "--compare", help="Config of a run to compare (repeatable, two or more): one page side by side."),
+    out: Path = typer.Option(Path("result/compare"), "--out", help="Folder of the comparison page (--compare)."),
     set_: Optional[List[str]] = SetOpt,
 ):
-    """Write result/<run>/report/index.html: status, per-class IoU per stage, sample images, CAM sweep."""
+    """Write result/<run>/report/index.html (status, per-class IoU per stage, sample images, CAM sweep), or
+    with --compare A.yaml --compare B.yaml ... OUT/index.html: the runs side by side (stage metrics, wall
+    times, per-class IoU, the same sample images)."""
     from pipeline.config import load_config
     from pipeline.runtime import setup_logging
 
-    from report.page import write_report
-
     try:
-        cfg = load_config(config, set_ or [])
         setup_logging(None)
-        path = write_report(cfg, n_images=n_images)
+        if compare:
+            from report.compare import write_comparison
+
+            if config is not None:
+                compare = [config, *compare]
+            path = write_comparison([load_config(c, set_ or []) for c in compare], out, n_images=n_images)
+            typer.echo(f"comparison written: {path}")
+            return
+        if config is None:
+            raise PipelineError("report needs --config FILE (one run) or --compare FILE --compare FILE (runs)")
+        from report.page import write_report
+
+        path = write_report(load_config(config, set_ or []), n_images=n_images)
         typer.echo(f"report written: {path}")
     except PipelineError as e:
         _fail(e)
