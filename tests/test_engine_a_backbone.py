@@ -197,3 +197,26 @@ def test_largefov_layers_and_hand_computed_dilation():
     expected = torch.zeros(1, 1, 11, 11)
     expected[0, 0, 7, 8] = 8.0   # 4 moved by (+5, +5), x2; the -1 is cut by the ReLU
     torch.testing.assert_close(out, expected)
+
+
+def test_chain_backbone_heads_multiscale_refine():
+    """The pieces fit: ViT -> (CAM, aux CAM) as one cam_fn -> multi-scale -> PAR label."""
+    from engine.multiscale import multiscale_cams
+    from engine.pseudo import valid_cams
+    from engine.refine import LocalRefiner, refine_cams_with_refiner
+
+    model = _backbone()
+    head, aux_head = CamHead(32, 4), CamHead(32, 4)
+
+    def cam_fn(images):
+        features = model(images)
+        return head.cam(features.patch), aux_head.cam(features.aux)
+
+    images = torch.randn(2, 3, 48, 64)
+    cams, aux = multiscale_cams(cam_fn, images)
+    assert cams.shape == aux.shape == (2, 4, 48, 64)
+    cls_labels = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]])
+    label = refine_cams_with_refiner(LocalRefiner("par", iterations=2), torch.rand(2, 3, 48, 64),
+                                     valid_cams(cams, cls_labels), cls_labels, 0.7, 0.25, [[0, 48, 0, 64], [0, 40, 0, 64]])
+    assert label.shape == (2, 48, 64) and (label[1, 40:] == 255).all()
+    assert set(label[0].unique().tolist()) <= {0, 1, 4, 255} and set(label[1].unique().tolist()) <= {0, 2, 255}
