@@ -1,0 +1,1 @@
+"""The single-stage engine shared by ToCo, FSR, TSD-CAM, TSCD."""
