@@ -29,7 +29,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from net.vit_cam import block_forward_with_attention
-from pipeline.backbone import create_timm_model
+from net.backbone import create_timm_model
+from pipeline.errors import PipelineError
 
 
 class ViTFeatures(NamedTuple):
@@ -48,7 +49,7 @@ class ViTFeatures(NamedTuple):
 class ViTBackbone(nn.Module):
     """A timm VisionTransformer that returns `ViTFeatures` for inputs of any size.
 
-    `name`, `pretrained` and `**timm_kwargs` go to `pipeline.backbone.create_timm_model`
+    `name`, `pretrained` and `**timm_kwargs` go to `net.backbone.create_timm_model`
     (so `pretrained` may be True, False or a local weights path, and e.g.
     `patch_size=8, depth=2, embed_dim=64` build a tiny test model). `img_size` sets the
     native position-embedding grid (img_size / patch). `aux_layer` indexes the blocks,
@@ -71,22 +72,22 @@ class ViTBackbone(nn.Module):
         self.vit = create_timm_model(name, pretrained, num_classes=0, **timm_kwargs)
         vit = self.vit
         if not isinstance(vit, VisionTransformer):
-            raise ValueError(f"{name!r} is not a timm VisionTransformer; ViTBackbone needs one")
+            raise PipelineError(f"{name!r} is not a timm VisionTransformer; ViTBackbone needs one")
         if vit.cls_token is None:
-            raise ValueError(f"{name!r} has no class token; ViTBackbone returns one")
+            raise PipelineError(f"{name!r} has no class token; ViTBackbone returns one")
         if vit.pos_embed is None:
-            raise ValueError(f"{name!r} has no absolute position embedding to resize")
+            raise PipelineError(f"{name!r} has no absolute position embedding to resize")
         patch_h, patch_w = vit.patch_embed.patch_size
         if patch_h != patch_w:
-            raise ValueError(f"{name!r} has non-square patches {patch_h}x{patch_w}")
+            raise PipelineError(f"{name!r} has non-square patches {patch_h}x{patch_w}")
         depth = len(vit.blocks)
         if not -depth <= aux_layer < depth:
-            raise ValueError(
+            raise PipelineError(
                 f"aux_layer {aux_layer} is out of range for {name!r}, which has {depth} blocks "
                 f"(valid: {-depth}..{depth - 1})")
         for i, block in enumerate(vit.blocks):
             if type(block) is not Block or type(block.attn) is not Attention:
-                raise ValueError(
+                raise PipelineError(
                     f"{name!r} block {i} is {type(block).__name__}: ViTBackbone computes attention "
                     "explicitly only for timm's plain Block/Attention")
         vit.pos_embed.requires_grad_(pos_embed_trainable)

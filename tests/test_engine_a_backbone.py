@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+
+from pipeline.errors import PipelineError
 import torch.nn.functional as F
 
 from net.heads import CamHead, LargeFOVHead
@@ -136,9 +138,9 @@ def test_pos_embed_frozen_or_trainable_by_flag():
 
 
 def test_aux_layer_deeper_than_model_is_a_clear_error():
-    with pytest.raises(ValueError, match="aux_layer 4 is out of range.*4 blocks"):
+    with pytest.raises(PipelineError, match="aux_layer 4 is out of range.*4 blocks"):
         ViTBackbone(**{**TINY, "aux_layer": 4})
-    with pytest.raises(ValueError, match="aux_layer -5"):
+    with pytest.raises(PipelineError, match="aux_layer -5"):
         ViTBackbone(**{**TINY, "aux_layer": -5})
     assert ViTBackbone(**{**TINY, "aux_layer": -4}).aux_index == 0
 
