@@ -21,6 +21,7 @@ Formats (all pickle-free):
   logits      npz  logit float16 (C, ⌈H/8⌉, ⌈W/8⌉) stride-8 logits; size int32 [H, W]
   prediction  png  label ids of the segmenter on the test split
   crf_label   png  label ids after dense-CRF post-processing
+  seg_head_*  the same three for a single-stage network's segmentation head (seg_head/...)
   metrics     json one record per evaluating stage
   manifest    json one per finished stage (see pipeline/runner.py)
   weights     pth  {"kind", "model_args", "state_dict"}: read with net.registry.load_model
@@ -137,6 +138,12 @@ KINDS: dict[str, ArtifactKind] = {k.name: k for k in (
                  artifacts.save_label_png, True, "segmenter predictions"),
     ArtifactKind("crf_label", "result", "deeplab/crf/{key}.png", artifacts.load_label_png,
                  artifacts.save_label_png, True, "CRF-refined predictions"),
+    ArtifactKind("seg_head_logits", "result", "seg_head/logit/{key}.npz", read_logits, write_logits, True,
+                 "segmentation-head logits"),
+    ArtifactKind("seg_head_prediction", "result", "seg_head/pred/{key}.png", artifacts.load_label_png,
+                 artifacts.save_label_png, True, "segmentation-head predictions"),
+    ArtifactKind("seg_head_crf_label", "result", "seg_head/crf/{key}.png", artifacts.load_label_png,
+                 artifacts.save_label_png, True, "CRF-refined segmentation-head predictions"),
     ArtifactKind("metrics", "result", "metrics/{key}.json", artifacts.load_json, artifacts.save_json, False,
                  "a stage's evaluation record"),
     ArtifactKind("manifest", "result", "manifests/{key}.json", artifacts.load_json, artifacts.save_json, False,

@@ -159,7 +159,9 @@ class TrainCamConfig:
 @dataclass
 class MakeCamConfig:
     enabled: bool = True
-    cam_source: Literal["vit", "cnn", "fuse"] = "vit"
+    # CRT: "vit" (its transformer branch), "cnn" or "fuse"; single-stage methods: "net" (the CAM
+    # head) or "net_aux" (the auxiliary CAM head)
+    cam_source: Literal["vit", "cnn", "fuse", "net", "net_aux"] = "vit"
     scales: list[float] = checked([1.0, 0.5, 1.5, 2.0, 0.75, 1.25, 1.75], SCALES)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # image rescaling (the reference: PIL bicubic)
     # Full-resolution CAMs: each scale's map is upsampled to the image size rounded up to this
@@ -213,8 +215,39 @@ class TrainIrnConfig:
 
 
 @dataclass
+class ThresholdConfig:
+    high: float = checked(0.7, UNIT)      # CAM above: confident foreground
+    low: float = checked(0.25, UNIT)      # CAM at or below: confident background
+    bkg: float = checked(0.5, UNIT)       # the background plane of CAM labels (validation, make_cam labels)
+
+
+@dataclass
+class RefinerSection:
+    preset: Literal["par", "varm"] = "par"
+    iterations: int = checked(10, POSITIVE)
+    dilations: list[int] = checked([1, 2, 4, 8, 12, 24], (lambda v: len(v) > 0 and all(d > 0 for d in v),
+                                                          "must be a non-empty list of positive dilations"))
+    down_scale: int = checked(2, POSITIVE)
+
+
+@dataclass
+class SegInferenceConfig:
+    """Multi-scale + flip inference of a single-stage network's segmentation head."""
+    scales: list[float] = checked([1.0, 1.5, 1.25], SCALES)
+    flip_fuse: Literal["sum", "max"] = "sum"
+    scale_fuse: Literal["max", "sum"] = "max"
+    resize_to: int = checked(0, NON_NEGATIVE)    # COCO: 448 (square resize first); 0 = native size
+
+
+@dataclass
 class MakeSemSegConfig:
     enabled: bool = True
+    # irn_random_walk (CRT/IRNet); seg_head (a single-stage network's segmentation head, multi-scale
+    # + flip); cam_refine (the saved CAMs refined by the local refiner with two background planes)
+    source: Literal["irn_random_walk", "seg_head", "cam_refine"] = "irn_random_walk"
+    seg_head: SegInferenceConfig = checked(SegInferenceConfig())
+    thresholds: ThresholdConfig = checked(ThresholdConfig())
+    refiner: RefinerSection = checked(RefinerSection())
     walk: RandomWalkParams = checked(RandomWalkParams())
     # IRN inference pads the image (bottom/right) to at least this square, as the reference, so
     # GroupNorm sees the padded statistics of training (0: no padding)
@@ -282,6 +315,115 @@ class CrfConfig(CrfParams):
     num_workers: int = checked(0, NON_NEGATIVE)
 
 
+# ----------------------------------------------------------------------------- single-stage methods
+# Defaults reproduce ToCo's published VOC run (methods/toco.md §10).
+
+@dataclass
+class LossTerm:
+    """A loss term's weight and the iterations it is on: [start, end) (end 0 = to the end).
+    A term that is off is not computed at all."""
+    weight: float = checked(1.0, NON_NEGATIVE)
+    start: int = checked(0, NON_NEGATIVE)
+    end: int = checked(0, NON_NEGATIVE)
+
+
+@dataclass
+class SingleStageLosses:
+    cls: LossTerm = checked(LossTerm(1.0))
+    cls_aux: LossTerm = checked(LossTerm(1.0))
+    ptc: LossTerm = checked(LossTerm(0.2))
+    ctc: LossTerm = checked(LossTerm(0.5))
+    seg: LossTerm = checked(LossTerm(0.1, start=2001))
+    reg: LossTerm = checked(LossTerm(0.05, start=2001))
+
+
+@dataclass
+class AugmentConfig:
+    """Photometric augmentation of the network input (probabilities)."""
+    jitter_p: float = checked(0.8, UNIT)
+    gray_p: float = checked(0.2, UNIT)
+    blur_p: float = checked(1.0, UNIT)     # ToCo blurs the network input always
+
+
+@dataclass
+class PtcConfig:
+    # The reference applies the pixel box to token indices (toco.md §11); false maps the box to tokens.
+    box_in_pixels: bool = True
+
+
+@dataclass
+class CtcConfig:
+    temperature: float = checked(0.5, POSITIVE)
+    ema: float = checked(0.9, MOMENTUM)             # momentum of the teacher projection head
+    local_crops: int = checked(8, NON_NEGATIVE)
+    local_size: int = checked(96, POSITIVE)
+    negative_ratio: float = checked(0.2, NON_NEGATIVE)
+    extra_negative_term: bool = True     # the reference's for-else term; the published numbers include it
+    independent_flip: bool = True        # the reference flips the local view independently of the input
+    projection: dict[str, Any] = checked({"hidden": 2048, "bottleneck": 256, "out": 1024})
+
+
+@dataclass
+class RegConfig:
+    """The dense-energy regulariser (rloss): inner weight × energy of the bilateral kernel."""
+    inner_weight: float = checked(1e-7, NON_NEGATIVE)
+    sigma_rgb: float = checked(15.0, POSITIVE)
+    sigma_xy: float = checked(100.0, POSITIVE)
+    scale: float = checked(0.5, (lambda v: 0 < v <= 1, "must be within (0, 1]"))
+
+
+@dataclass
+class TrainNetConfig:
+    """The single-stage network (ToCo's engine): one ViT trained end to end."""
+    enabled: bool = True
+    backbone: str = "vit_base_patch16_224.orig_in21k_ft_in1k"
+    pretrained: Union[bool, str] = True
+    aux_layer: int = -3                  # ToCo: block 10 of 12
+    pos_embed_trainable: bool = False
+    model_kwargs: dict[str, Any] = checked({})
+    seg_hidden: int = checked(512, POSITIVE)
+    seg_dilation: int = checked(5, POSITIVE)
+    iterations: int = checked(20000, POSITIVE)
+    batch_size: int = checked(4, POSITIVE)       # global
+    crop_size: int = checked(448, POSITIVE)
+    rescale: list[float] = checked([0.5, 2.0], RANGE)
+    augment: AugmentConfig = checked(AugmentConfig())
+    cam_scales: list[float] = checked([1.0, 0.5, 1.5], SCALES)
+    thresholds: ThresholdConfig = checked(ThresholdConfig())
+    refiner: RefinerSection = checked(RefinerSection())
+    losses: SingleStageLosses = checked(SingleStageLosses())
+    ptc: PtcConfig = checked(PtcConfig())
+    ctc: CtcConfig = checked(CtcConfig())
+    reg: RegConfig = checked(RegConfig())
+    optimizer: OptimizerConfig = checked(OptimizerConfig(kind="adamw", lr=6e-5, weight_decay=0.01,
+                                                         schedule="warmup_poly", warmup_steps=1500))
+    head_lr_mult: float = checked(10.0, POSITIVE)
+    amp: bool = False
+    checkpoint_every: int = checked(1000, POSITIVE)
+    log_every: int = checked(50, POSITIVE)
+    num_workers: int = checked(2, NON_NEGATIVE)
+
+
+@dataclass
+class TestSegHeadConfig(SegInferenceConfig):
+    """The single-stage papers' evaluation: the segmentation head on the val split, multi-scale
+    + flip (VOC: flips summed, scales maxed)."""
+    enabled: bool = True
+    split: str = ""                       # empty = data.val_split
+
+
+@dataclass
+class CrfSegHeadConfig(CrfParams):
+    """ToCo's CRF on the segmentation head's logits: Gaussian 1/1, bilateral 121/5/4."""
+    enabled: bool = True
+    gauss_sxy: float = checked(1.0, POSITIVE)
+    gauss_compat: float = checked(1.0, NON_NEGATIVE)
+    bilat_sxy: float = checked(121.0, POSITIVE)
+    bilat_srgb: float = checked(5.0, POSITIVE)
+    bilat_compat: float = checked(4.0, NON_NEGATIVE)
+    num_workers: int = checked(0, NON_NEGATIVE)
+
+
 @dataclass
 class Config:
     run_name: str = checked("default", NAME)
@@ -302,6 +444,9 @@ class Config:
     train_deeplab: TrainDeeplabConfig = checked(TrainDeeplabConfig())
     test_deeplab: TestDeeplabConfig = checked(TestDeeplabConfig())
     crf: CrfConfig = checked(CrfConfig())
+    train_net: TrainNetConfig = checked(TrainNetConfig())
+    test_seg_head: TestSegHeadConfig = checked(TestSegHeadConfig())
+    crf_seg_head: CrfSegHeadConfig = checked(CrfSegHeadConfig())
 
     @property
     def result_dir(self) -> Path:
@@ -388,7 +533,7 @@ def _build(cls, values: dict, prefix: str = ""):
             if dataclasses.is_dataclass(default) and isinstance(value, dict):
                 # a partial section overrides this field's own defaults (e.g. DeepLab's optimiser
                 # values), not the section class's generic ones
-                value = {**dataclasses.asdict(default), **value}
+                value = _deep_merge(dataclasses.asdict(default), value)
             kwargs[name] = _coerce(value, hints[name], dotted)
     obj = cls(**kwargs)
     check_values(obj, prefix)

@@ -77,3 +77,26 @@ CRT = register_method(Method("crt", (
     StageSpec("test_deeplab", ("train_deeplab",), ("logits", "prediction", "metrics"), (VAL,), per_image=True),
     StageSpec("crf", ("test_deeplab",), ("crf_label", "metrics"), (VAL,), per_image=True),
 ), about="CRT: CNN + transformer CAM co-training, IRN random walk, DeepLabv2 + CRF"))
+
+
+# ----------------------------------------------------------------------------- ToCo (the single-stage engine)
+# One ViT trained end to end -> CAMs -> pseudo labels (segmentation head or CAM + refiner) -> the
+# segmentation head evaluated on val (+ CRF); DeepLab on the pseudo labels optionally (off in its configs).
+
+SEG_HEAD_CRF = (("test_stage", "test_seg_head"), ("logits", "seg_head_logits"), ("out", "seg_head_crf_label"))
+
+TOCO = register_method(Method("toco", (
+    StageSpec("train_net", writes=("weights", "checkpoint"), splits=(TRAIN,), needs=("images", "labels")),
+    StageSpec("make_cam", ("train_net",), ("cam",), (INFER,), ("images", "labels"), per_image=True),
+    StageSpec("eval_cam", ("make_cam",), ("metrics",), (EVAL,), ("masks",)),
+    StageSpec("make_sem_seg", ("train_net", "make_cam"), ("sem_seg",), (INFER,), ("images", "labels"),
+              per_image=True),
+    StageSpec("eval_sem_seg", ("make_sem_seg",), ("metrics",), (EVAL,), ("masks",)),
+    StageSpec("test_seg_head", ("train_net",), ("seg_head_logits", "seg_head_prediction", "metrics"), (VAL,),
+              per_image=True),
+    StageSpec("crf_seg_head", ("test_seg_head",), ("seg_head_crf_label", "metrics"), (VAL,), per_image=True,
+              module="stages.crf", options=SEG_HEAD_CRF),
+    StageSpec("train_deeplab", ("make_sem_seg",), ("weights", "checkpoint"), (INFER,)),
+    StageSpec("test_deeplab", ("train_deeplab",), ("logits", "prediction", "metrics"), (VAL,), per_image=True),
+    StageSpec("crf", ("test_deeplab",), ("crf_label", "metrics"), (VAL,), per_image=True),
+), about="ToCo: token contrast ViT trained end to end; its segmentation head gives the published numbers"))

@@ -71,6 +71,9 @@ def evaluate_label_files(dataset, ids, labels, stage: str) -> np.ndarray:
         if not labels.exists(image_id):
             raise PipelineError(f"{stage}: prediction missing for {image_id}: {labels.path(image_id)}")
         pred, gt = labels.read(image_id), dataset.load_mask(image_id)
+        # Pseudo labels may leave pixels unsure (255: the refiner's two-threshold labels); they
+        # score as background, the class a segmenter trained on them would fall back to.
+        pred = np.where(pred == IGNORE_LABEL, 0, pred)
         if pred.shape != gt.shape:
             raise PipelineError(f"{stage}: {labels.path(image_id)} is {pred.shape}, ground truth "
                                 f"{dataset.mask_path(image_id)} is {gt.shape}")

@@ -174,7 +174,7 @@ def make_context(cfg: Config, spec: StageSpec, runtime, fingerprint_: str = "", 
         name=spec.name, section=section, data=cfg.data, seed=cfg.seed,
         result_dir=cfg.result_dir, sess_dir=cfg.sess_dir, runtime=runtime,
         fingerprint=fingerprint_, resume=resume, work_dir=Path(cfg.work_dir),
-        split_override=getattr(section, "split", "") or "",
+        split_override=getattr(section, "split", "") or "", options=dict(spec.options),
     )
 
 

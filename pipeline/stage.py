@@ -33,6 +33,7 @@ class StageSpec:
     per_image: bool = False
     module: str = ""                     # default: stages.<name>
     section: str = ""                    # config section; default: the stage name
+    options: tuple[tuple[str, str], ...] = ()   # for a module that serves several stages (ctx.options)
 
     @property
     def module_name(self) -> str:
@@ -67,6 +68,7 @@ class StageContext:
     resume: bool = True        # outputs present from an earlier run with the same fingerprint may be kept
     work_dir: Path = field(default=Path("."))
     split_override: str = ""   # the split this stage runs on when its section chooses one
+    options: dict = field(default_factory=dict)   # the stage spec's options
 
     @cached_property
     def dataset(self):

@@ -127,3 +127,79 @@ class SegmentationCropDataset(Dataset):
         image = normalize(image, self.mean, self.std)
         image, label = random_crop(image, self.crop, rng, label=label)
         return to_tensor(image), torch.from_numpy(np.ascontiguousarray(label)).long(), index
+
+
+# ----------------------------------------------------------------------------- single-stage training views
+
+def photometric(image: torch.Tensor, rng: np.random.Generator, jitter_p: float, gray_p: float,
+                blur_p: float) -> torch.Tensor:
+    """DINO/ToCo photometric augmentation of a (3, H, W) float image in [0, 1]: colour jitter
+    (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a random order) with probability
+    `jitter_p`, grayscale with `gray_p`, Gaussian blur (sigma U(0.1, 2.0)) with `blur_p`. Every
+    draw comes from `rng`, so a sample's augmentation is a function of (seed, epoch, index)."""
+    import torchvision.transforms.v2.functional as TF
+
+    if rng.random() < jitter_p:
+        ops = [(TF.adjust_brightness, rng.uniform(0.6, 1.4)), (TF.adjust_contrast, rng.uniform(0.6, 1.4)),
+               (TF.adjust_saturation, rng.uniform(0.8, 1.2)), (TF.adjust_hue, rng.uniform(-0.1, 0.1))]
+        for k in rng.permutation(len(ops)):
+            op, factor = ops[k]
+            image = op(image, float(factor))
+    if rng.random() < gray_p:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    if rng.random() < blur_p:
+        sigma = float(rng.uniform(0.1, 2.0))
+        kernel = 2 * int(round(3 * sigma)) + 1
+        image = TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+    return image.clamp(0, 1)
+
+
+def _normalised_tensor(image: torch.Tensor, mean, std) -> torch.Tensor:
+    return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+class SingleStageCropDataset(Dataset):
+    """Training views of the single-stage methods (toco.md §4), per image:
+    random rescale of both sides by U(rescale), flip, a crop×crop crop (zero padding at a random
+    offset when smaller; `box` = (top, bottom, left, right) of the image inside the crop), then
+    the network input: another flip, photometric augmentation (`augment`: jitter_p, gray_p,
+    blur_p), normalisation. Returns (image (3, crop, crop), multi-hot (C,), box int64 (4,), index).
+    Images must be at least `min_side` pixels on their short side after rescaling."""
+
+    def __init__(self, dataset, ids, crop: int, rescale, mean, std, augment: dict, seed: int = 0):
+        self.dataset, self.ids, self.crop, self.rescale = dataset, list(ids), crop, rescale
+        self.mean, self.std, self.augment, self.seed = mean, std, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key: int):
+        epoch, index = decode_key(key, len(self.ids))
+        image_id = self.ids[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        image = self.dataset.load_image(image_id)
+        scale = rng.uniform(self.rescale[0], self.rescale[1])
+        image = resize(image, scaled_size(image.shape[:2], scale))
+        if rng.random() < 0.5:
+            image = image[:, ::-1]
+        h, w = image.shape[:2]
+        ph, pw = max(h, self.crop), max(w, self.crop)
+        oy, ox = rng.integers(0, ph - h + 1), rng.integers(0, pw - w + 1)
+        canvas = np.zeros((ph, pw, 3), np.uint8)
+        canvas[oy:oy + h, ox:ox + w] = image
+        y, x = rng.integers(0, ph - self.crop + 1), rng.integers(0, pw - self.crop + 1)
+        crop = canvas[y:y + self.crop, x:x + self.crop]
+        top, left = max(oy - y, 0), max(ox - x, 0)
+        bottom, right = min(oy + h - y, self.crop), min(ox + w - x, self.crop)
+        if bottom <= top or right <= left:      # the crop fell on padding only
+            raise PipelineError(f"{self.dataset.image_path(image_id)}: a training crop holds no image "
+                                f"(image {h}x{w} after rescaling, crop {self.crop})")
+        box = np.array([top, bottom, left, right], np.int64)
+        tensor = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255.0
+        if rng.random() < 0.5:                  # the reference flips the network input once more
+            tensor = tensor.flip(-1)
+            box = np.array([top, bottom, self.crop - right, self.crop - left], np.int64)
+        a = self.augment
+        tensor = photometric(tensor, rng, a.get("jitter_p", 0.0), a.get("gray_p", 0.0), a.get("blur_p", 0.0))
+        return (_normalised_tensor(tensor, self.mean, self.std), torch.from_numpy(self.dataset.multi_hot(image_id)),
+                torch.from_numpy(box), index)

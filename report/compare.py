@@ -23,7 +23,9 @@ from report.pictures import THUMB_SIDE, fit
 log = logging.getLogger("wsss")
 
 # The picture of a run's result per sample: the first of these its method has, in this order.
-FINAL_PREDICTION = (("crf", "crf_label", "segmenter + CRF"), ("test_deeplab", "prediction", "segmenter"))
+FINAL_PREDICTION = (("crf", "crf_label", "DeepLab + CRF"), ("test_deeplab", "prediction", "DeepLab"),
+                    ("crf_seg_head", "seg_head_crf_label", "seg head + CRF"),
+                    ("test_seg_head", "seg_head_prediction", "seg head"))
 
 
 def _run_title(cfg: Config) -> str:
@@ -80,7 +82,8 @@ def _quality_table(runs, class_names) -> str:
         return "".join(parts)
     parts.append(f"<table><tr><th>evaluation</th>{head}</tr>{''.join(rows)}</table>")
     # per-class IoU of each run's pseudo labels (what a user exports) and of its final segmenter
-    for stage, title in (("eval_sem_seg", "pseudo labels"), ("crf", "segmenter + CRF"), ("eval_cam", "CAMs")):
+    for stage, title in (("eval_sem_seg", "pseudo labels"), ("crf_seg_head", "seg head + CRF"),
+                         ("crf", "DeepLab + CRF"), ("eval_cam", "CAMs")):
         records = [metrics.get(stage) for _, _, metrics in runs]
         if all(r is None for r in records):
             continue

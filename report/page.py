@@ -36,6 +36,8 @@ log = logging.getLogger("wsss")
 EVAL_STAGES = (
     ("eval_cam", "CAM"),
     ("eval_sem_seg", "Pseudo labels"),
+    ("test_seg_head", "Seg head"),
+    ("crf_seg_head", "Seg head + CRF"),
     ("test_deeplab", "DeepLab"),
     ("crf", "DeepLab + CRF"),
 )
@@ -270,14 +272,33 @@ def _config_section(cfg: Config, deeplab_split: str) -> str:
         ("data root", d.root),
         ("splits", f"train {d.train_split} · infer {d.infer_split} · eval {d.eval_split} · val {d.val_split}"
                    f" · DeepLab test {deeplab_split}"),
-        ("CAM network", f"CNN {tc.cnn.backbone} (pretrained: {tc.cnn.pretrained}) + ViT {tc.vit.name} "
-                        f"(pretrained: {tc.vit.pretrained}); {tc.epochs} epochs, {tc.optimizer.kind}, lr {tc.optimizer.lr}"),
+        ("method", cfg.method),
+    ]
+    if cfg.method == "crt":
+        rows += [
+            ("CAM network", f"CNN {tc.cnn.backbone} (pretrained: {tc.cnn.pretrained}) + ViT {tc.vit.name} "
+                            f"(pretrained: {tc.vit.pretrained}); {tc.epochs} epochs, {tc.optimizer.kind}, "
+                            f"lr {tc.optimizer.lr}"),
+            ("IR labels", f"fg {cfg.cam_to_ir_label.conf_fg_thres} / bg {cfg.cam_to_ir_label.conf_bg_thres}"),
+            ("IRNet", f"{cfg.train_irn.backbone} (pretrained: {cfg.train_irn.pretrained}), {cfg.train_irn.epochs} "
+                      f"epochs; random walk radius {cfg.make_sem_seg.walk.radius}, β {cfg.make_sem_seg.walk.beta}, "
+                      f"2^{cfg.make_sem_seg.walk.exp_times} steps, bg {cfg.make_sem_seg.bg_threshold}"),
+        ]
+    else:
+        tn = cfg.train_net
+        on = ", ".join(f"{name} ×{term.weight:g} from {term.start}" for name, term in vars(tn.losses).items()
+                       if term.weight > 0)
+        rows += [
+            ("network", f"{tn.backbone} (pretrained: {tn.pretrained}), aux block {tn.aux_layer}; {tn.iterations} "
+                        f"iterations, batch {tn.batch_size}, crop {tn.crop_size}, {tn.optimizer.kind} lr "
+                        f"{tn.optimizer.lr}"),
+            ("losses", on),
+            ("pseudo labels", f"source {cfg.make_sem_seg.source}; refiner {tn.refiner.preset}, thresholds "
+                              f"{tn.thresholds.low} / {tn.thresholds.high}"),
+        ]
+    rows += [
         ("CAMs", f"source {cfg.make_cam.cam_source}, scales {cfg.make_cam.scales}, "
                  f"eval threshold {cfg.eval_cam.threshold}"),
-        ("IR labels", f"fg {cfg.cam_to_ir_label.conf_fg_thres} / bg {cfg.cam_to_ir_label.conf_bg_thres}"),
-        ("IRNet", f"{cfg.train_irn.backbone} (pretrained: {cfg.train_irn.pretrained}), {cfg.train_irn.epochs} epochs; "
-                  f"random walk radius {cfg.make_sem_seg.walk.radius}, β {cfg.make_sem_seg.walk.beta}, "
-                  f"2^{cfg.make_sem_seg.walk.exp_times} steps, bg {cfg.make_sem_seg.bg_threshold}"),
         ("DeepLab", f"{cfg.train_deeplab.backbone} (pretrained: {cfg.train_deeplab.pretrained}), "
                     f"{cfg.train_deeplab.iterations} iterations, batch {cfg.train_deeplab.batch_size}"
                     f"×{cfg.train_deeplab.accumulation}, crop {cfg.train_deeplab.crop_size}"),
@@ -399,7 +420,8 @@ def _sweep_section(page: _Page, statuses: dict, metrics: dict) -> str:
     return "".join(parts)
 
 
-SOURCE_TITLES = {"cnn": "CNN branch", "vit": "transformer branch", "fuse": "fusion of both"}
+SOURCE_TITLES = {"cnn": "CNN branch", "vit": "transformer branch", "fuse": "fusion of both", "net": "CAM head",
+                 "aux": "auxiliary CAM head"}
 
 
 def _sources_table(record: dict) -> str:

@@ -12,7 +12,8 @@ from pipeline import artifacts
 
 UNSURE_RGB = (210, 210, 210)
 THUMB_SIDE = 156          # long side of every picture of the sample section, in pixels
-STAGE_COLOURS = {"eval_cam": "#4c72b0", "eval_sem_seg": "#dd8452", "test_deeplab": "#55a868", "crf": "#c44e52"}
+STAGE_COLOURS = {"eval_cam": "#4c72b0", "eval_sem_seg": "#dd8452", "test_seg_head": "#8172b3",
+                 "crf_seg_head": "#937860", "test_deeplab": "#55a868", "crf": "#c44e52"}
 
 
 # ----------------------------------------------------------------------------- pictures

@@ -21,16 +21,23 @@ from pipeline.parallel import parallel_map
 log = logging.getLogger("wsss")
 
 
+def kinds(ctx) -> tuple[str, str, str]:
+    """(test stage, logits kind, output kind): DeepLab's by default; the single-stage methods run
+    this module as `crf_seg_head` on their segmentation head's logits."""
+    o = ctx.options
+    return o.get("test_stage", "test_deeplab"), o.get("logits", "logits"), o.get("out", "crf_label")
+
+
 def split_of(ctx) -> str:
-    """crf post-processes whatever test_deeplab predicted: its split is recorded in its manifest."""
-    manifests = ctx.artifacts.manifest
-    if not manifests.exists("test_deeplab"):
+    """crf post-processes whatever its test stage predicted: the split is recorded in its manifest."""
+    manifests, test_stage = ctx.artifacts.manifest, kinds(ctx)[0]
+    if not manifests.exists(test_stage):
         return ctx.split_override or ctx.data.val_split
-    return manifests.read("test_deeplab")["outputs"]["split"]
+    return manifests.read(test_stage)["outputs"]["split"]
 
 
 def expected_outputs(ctx):
-    return [ctx.artifacts.crf_label.path(i) for i in ctx.dataset.ids(split_of(ctx))]
+    return [ctx.artifacts[kinds(ctx)[2]].path(i) for i in ctx.dataset.ids(split_of(ctx))]
 
 
 def upsampled_probs(logit: np.ndarray, size_hw) -> np.ndarray:
@@ -58,25 +65,26 @@ def _one_image(image_path: str, logit_file: str, out_path: str, params: dict) ->
 
 def run(ctx) -> dict:
     section, runtime, dataset = ctx.section, ctx.runtime, ctx.dataset
-    logits, crf_labels = ctx.artifacts.logits, ctx.artifacts.crf_label
+    test_stage, logits_kind, out_kind = kinds(ctx)
+    logits, crf_labels = ctx.artifacts[logits_kind], ctx.artifacts[out_kind]
     split = split_of(ctx)
     ids = dataset.ids(split)
     missing = logits.missing(ids)
     if missing:
-        raise PipelineError(f"crf: logits missing for {len(missing)} image(s), e.g. {logits.path(missing[0])}"
-                            " (set test_deeplab.save_logits: true and re-run test_deeplab)")
+        raise PipelineError(f"{ctx.name}: logits missing for {len(missing)} image(s), e.g. {logits.path(missing[0])}"
+                            f" (re-run {test_stage}; for test_deeplab set test_deeplab.save_logits: true)")
     todo = ctx.todo(ids, crf_labels)
     jobs = [(str(dataset.image_path(i)), str(logits.path(i)), str(crf_labels.path(i)), crf_arguments(section))
             for i in todo]
-    log.info("crf: %d images of '%s' (%d to compute on this rank)", len(ids), split, len(todo))
-    parallel_map(_one_image, jobs, section.num_workers, "crf", enabled=runtime.is_main)
+    log.info("%s: %d images of '%s' (%d to compute on this rank)", ctx.name, len(ids), split, len(todo))
+    parallel_map(_one_image, jobs, section.num_workers, ctx.name, enabled=runtime.is_main)
     runtime.barrier()
     summary = {"outputs": {"images": len(ids), "split": split, "computed_on_rank0": len(todo)}}
     if not runtime.is_main:
         return summary
     if not dataset.has_masks(split):
-        log.info("crf: split '%s' has no ground-truth masks: labels written, no metric computed", split)
+        log.info("%s: split '%s' has no ground-truth masks: labels written, no metric computed", ctx.name, split)
         return summary
-    record = evaluate_and_write(ctx.artifacts, dataset, ids, crf_labels, "crf", split=split)
+    record = evaluate_and_write(ctx.artifacts, dataset, ids, crf_labels, ctx.name, split=split)
     summary["metrics"] = {"miou": record["miou"]}
     return summary

@@ -30,9 +30,12 @@ def sweep_thresholds(spec) -> list[float]:
 
 def source_maps(cam: dict) -> dict[str, np.ndarray]:
     """Full-resolution maps per CAM source in a CAM artifact: the configured one ("cam"), and on
-    the eval split each branch and their fusion (each branch's maps are normalised to max 1 per
-    class, the fusion is their sum renormalised, as make_cam fuses)."""
+    the eval split every source make_cam kept (CRT: each branch and their fusion, each branch's
+    maps normalised to max 1 per class and the fusion their sum renormalised, as make_cam fuses;
+    single-stage: the CAM head and the aux CAM head)."""
     maps = {"cam": cam["high_res"]}
+    maps.update({key[:-len("_high_res")]: value for key, value in cam.items()
+                 if key.endswith("_high_res") and key != "high_res"})
     if "cnn_high_res" in cam and "vit_high_res" in cam:
         maps["cnn"], maps["vit"] = cam["cnn_high_res"], cam["vit_high_res"]
         fused = maps["cnn"] + maps["vit"]
@@ -71,10 +74,8 @@ def run(ctx) -> dict:
         return record, best
 
     record, best = summary(confusions.pop("cam"))
-    if len(confusions) < 3 and confusions:
-        log.warning("eval_cam: per-branch maps missing for some images (CAMs from an older make_cam?)")
     record["sources"] = {}
-    for source in ("cnn", "vit", "fuse"):
+    for source in sorted(confusions):
         if source in confusions:
             sub, _ = summary(confusions[source])
             record["sources"][source] = {k: sub[k] for k in ("miou", "best_threshold", "best_miou", "per_class_iou")}

@@ -36,6 +36,7 @@ def normalize_cams(cams: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
 
 BRANCH_KINDS = {"cnn": "resnet_cam", "vit": "vit_cam"}
 SOURCES = {"vit": ("vit",), "cnn": ("cnn",), "fuse": ("cnn", "vit")}
+SINGLE_STAGE_SOURCES = ("net", "net_aux")
 
 
 def load_cam_models(ctx, branches) -> dict:
@@ -72,6 +73,36 @@ def multiscale_cam(model_fn, image: np.ndarray, scales, mean, std, device, inter
     return strided_sum, full_sum
 
 
+@torch.no_grad()
+def single_stage_cams(model, image: np.ndarray, keys: np.ndarray, scales, mean, std, device) -> dict:
+    """A single-stage network's multi-scale + flip CAMs (the engine's fusion: max over flip, sum
+    over scales, per-class min-max) of the image's classes: {"net": (strided, full), "aux": ...}."""
+    from engine.multiscale import multiscale_cams
+
+    h, w = image.shape[:2]
+    x = to_tensor(normalize(image, mean, std))[None].to(device)
+    cams, aux = multiscale_cams(model.cam_pair, x, scales, flip=True)
+    index = torch.as_tensor(keys, dtype=torch.long, device=cams.device)
+    out = {}
+    for name, maps in (("net", cams), ("aux", aux)):
+        full = maps[0, index].float()
+        strided = F.interpolate(full[None], size=strided_size((h, w), 4), mode="bilinear", align_corners=False)[0]
+        out[name] = (strided.clamp(0, 1), full.clamp(0, 1))
+    return out
+
+
+def run_single_stage(ctx, ids, todo, eval_ids) -> None:
+    section, data = ctx.section, ctx.data
+    dataset, cams = ctx.dataset, ctx.artifacts.cam
+    model = load_model(ctx.artifacts.weights.path("net"), ctx.device, expect="single_stage_vit") if todo else None
+    chosen = "net" if section.cam_source == "net" else "aux"
+    for image_id in progress(todo, "make_cam", enabled=ctx.runtime.is_main):
+        image, keys = dataset.load_image(image_id), dataset.class_labels(image_id)
+        maps = single_stage_cams(model, image, keys, section.scales, data.mean, data.std, ctx.device)
+        extra = {name: pair[1] for name, pair in maps.items()} if image_id in eval_ids else None
+        cams.write(image_id, keys, maps[chosen][0], maps[chosen][1], extra=extra)
+
+
 def run(ctx) -> dict:
     section, data, runtime = ctx.section, ctx.data, ctx.runtime
     dataset, cams = ctx.dataset, ctx.artifacts.cam
@@ -83,6 +114,9 @@ def run(ctx) -> dict:
     eval_ids = set(dataset.ids(data.eval_split)) if data.eval_split else set()
     log.info("make_cam: %d images (%d to compute on this rank), source %s, scales %s",
              len(ids), len(todo), section.cam_source, section.scales)
+    if section.cam_source in SINGLE_STAGE_SOURCES:
+        run_single_stage(ctx, ids, todo, eval_ids)
+        return _summary(cams, ids, todo)
     models = load_cam_models(ctx, ("cnn", "vit")) if todo else {}
     for image_id in progress(todo, "make_cam", enabled=runtime.is_main):
         image = dataset.load_image(image_id)
@@ -102,11 +136,18 @@ def run(ctx) -> dict:
             strided, full = per_branch[section.cam_source]
         extra = {branch: maps[1] for branch, maps in per_branch.items()} if image_id in eval_ids else None
         cams.write(image_id, keys, strided, full, extra=extra)
+    return _summary(cams, ids, todo)
+
+
+def _summary(cams, ids, todo) -> dict:
     sizes = [cams.path(i).stat().st_size for i in ids[:50] if cams.exists(i)]
     return {"outputs": {"images": len(ids), "computed_on_rank0": len(todo),
                         "mean_bytes_per_image": int(np.mean(sizes)) if sizes else 0}}
 
 
 def check(ctx) -> None:
+    if ctx.section.cam_source in SINGLE_STAGE_SOURCES:
+        read_model_file(ctx.artifacts.weights.path("net"), "cpu", expect="single_stage_vit")
+        return
     for branch, kind in BRANCH_KINDS.items():
         read_model_file(ctx.artifacts.weights.path(f"cam_{branch}"), "cpu", expect=kind)

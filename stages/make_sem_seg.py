@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from net.irn import boundary_and_displacement, check_same_grid
 from net.registry import load_model, read_model_file
 from pipeline.runtime import progress
+from pipeline.transforms import normalize
 
 log = logging.getLogger("wsss")
 
@@ -37,7 +38,69 @@ def walk_to_labels(walked: np.ndarray, keys: np.ndarray, image_hw, bg_threshold:
     return label_ids[planes.argmax(0).numpy()]
 
 
+@torch.no_grad()
+def seg_head_labels(model, image: np.ndarray, keys: np.ndarray, inference, mean, std, device) -> np.ndarray:
+    """Pseudo labels from a single-stage network's segmentation head (multi-scale + flip),
+    restricted to background and the image's own classes."""
+    from net.single_stage import segment_image
+
+    small, _ = segment_image(model, image, inference, mean, std, device)
+    logits = F.interpolate(small[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+    allowed = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
+    allowed[0] = 0
+    allowed[torch.as_tensor(np.asarray(keys) + 1, dtype=torch.long, device=logits.device)] = 0
+    return (logits + allowed[:, None, None]).argmax(0).cpu().numpy().astype(np.uint8)
+
+
+@torch.no_grad()
+def cam_refine_labels(refiner, image: np.ndarray, cam: dict, num_classes: int, thresholds, down_scale: int,
+                      mean, std) -> np.ndarray:
+    """Pseudo labels from the saved full-resolution CAMs refined by the local refiner with two
+    background planes (the single-stage methods' online labels, on the whole image)."""
+    from engine.refine import image_for_refiner, refine_cams_with_refiner
+
+    h, w = image.shape[:2]
+    x = torch.from_numpy(normalize(image, mean, std)).permute(2, 0, 1)[None]
+    cams = torch.zeros(1, num_classes, h, w)
+    present = torch.zeros(1, num_classes)
+    keys = torch.as_tensor(cam["keys"], dtype=torch.long)
+    cams[0, keys] = torch.from_numpy(cam["high_res"])
+    present[0, keys] = 1
+    label = refine_cams_with_refiner(refiner, image_for_refiner(x, mean, std), cams, present, thresholds.high,
+                                     thresholds.low, [[0, h, 0, w]], down_scale=down_scale)
+    return label[0].numpy().astype(np.uint8)
+
+
 def run(ctx) -> dict:
+    section = ctx.section
+    if section.source == "irn_random_walk":
+        return run_random_walk(ctx)
+    data, runtime = ctx.data, ctx.runtime
+    dataset, pseudo_labels = ctx.dataset, ctx.artifacts.sem_seg
+    ids = dataset.ids(data.infer_split)
+    dataset.load_label_cache([data.infer_split])
+    todo = ctx.todo(ids, pseudo_labels)
+    log.info("make_sem_seg: %d images (%d to compute on this rank), source %s", len(ids), len(todo), section.source)
+    if section.source == "seg_head":
+        model = load_model(ctx.artifacts.weights.path("net"), ctx.device, expect="single_stage_vit") if todo else None
+        for image_id in progress(todo, "make_sem_seg", enabled=runtime.is_main):
+            image = dataset.load_image(image_id)
+            pseudo_labels.write(image_id, seg_head_labels(model, image, dataset.class_labels(image_id),
+                                                          section.seg_head, data.mean, data.std, ctx.device))
+    else:
+        from engine.refine import LocalRefiner
+
+        r = section.refiner
+        refiner = LocalRefiner(r.preset, dilations=r.dilations, iterations=r.iterations)
+        for image_id in progress(todo, "make_sem_seg", enabled=runtime.is_main):
+            image = dataset.load_image(image_id)
+            pseudo_labels.write(image_id, cam_refine_labels(refiner, image, ctx.artifacts.cam.read(image_id),
+                                                            dataset.num_classes, section.thresholds, r.down_scale,
+                                                            data.mean, data.std))
+    return {"outputs": {"images": len(ids), "computed_on_rank0": len(todo), "source": section.source}}
+
+
+def run_random_walk(ctx) -> dict:
     from net.affinity import random_walk
 
     section, data, runtime = ctx.section, ctx.data, ctx.runtime
@@ -60,4 +123,7 @@ def run(ctx) -> dict:
 
 
 def check(ctx) -> None:
-    read_model_file(ctx.artifacts.weights.path("irn"), "cpu", expect="irn")
+    if ctx.section.source == "irn_random_walk":
+        read_model_file(ctx.artifacts.weights.path("irn"), "cpu", expect="irn")
+    elif ctx.section.source == "seg_head":
+        read_model_file(ctx.artifacts.weights.path("net"), "cpu", expect="single_stage_vit")

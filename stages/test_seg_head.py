@@ -1,0 +1,56 @@
+"""test_seg_head: the single-stage papers' evaluation, their segmentation head on `split` (default
+data.val_split) with multi-scale + flip inference (net.single_stage.multiscale_seg_logits; COCO
+resizes every image to `resize_to` first). Per image: the `seg_head_prediction` artifact and the
+`seg_head_logits` artifact (fused logits at stride 4, float16, for crf_seg_head); mIoU to the
+stage's metrics when the split has ground truth.
+"""
+from __future__ import annotations
+
+import logging
+
+from net.registry import load_model, read_model_file
+from net.single_stage import segment_image
+from pipeline.metrics import evaluate_and_write
+from pipeline.runtime import progress
+
+log = logging.getLogger("wsss")
+
+
+def split_of(ctx) -> str:
+    return ctx.section.split or ctx.data.val_split
+
+
+def expected_outputs(ctx):
+    ids = ctx.dataset.ids(split_of(ctx))
+    return [ctx.artifacts.seg_head_prediction.path(i) for i in ids] + \
+        [ctx.artifacts.seg_head_logits.path(i) for i in ids]
+
+
+def run(ctx) -> dict:
+    section, data, runtime = ctx.section, ctx.data, ctx.runtime
+    dataset, predictions, logits = ctx.dataset, ctx.artifacts.seg_head_prediction, ctx.artifacts.seg_head_logits
+    split = split_of(ctx)
+    ids = dataset.ids(split)
+    todo = sorted(set(ctx.todo(ids, predictions)) | set(ctx.todo(ids, logits)))
+    log.info("test_seg_head: %d images of '%s' (%d to compute on this rank), scales %s", len(ids), split,
+             len(todo), section.scales)
+    model = load_model(ctx.artifacts.weights.path("net"), ctx.device, expect="single_stage_vit") if todo else None
+    for image_id in progress(todo, "test_seg_head", enabled=runtime.is_main):
+        image = dataset.load_image(image_id)
+        small, label = segment_image(model, image, section, data.mean, data.std, ctx.device)
+        logits.write(image_id, small, image.shape[:2])
+        predictions.write(image_id, label)
+    runtime.barrier()
+    summary = {"outputs": {"images": len(ids), "split": split, "computed_on_rank0": len(todo)}}
+    if not runtime.is_main:
+        return summary
+    if not dataset.has_masks(split):
+        log.info("test_seg_head: split '%s' has no ground-truth masks: predictions written, no metric", split)
+        return summary
+    record = evaluate_and_write(ctx.artifacts, dataset, ids, predictions, "test_seg_head", split=split)
+    summary["metrics"] = {"miou": record["miou"]}
+    return summary
+
+
+def check(ctx) -> None:
+    read_model_file(ctx.artifacts.weights.path("net"), "cpu", expect="single_stage_vit")
