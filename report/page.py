@@ -341,7 +341,8 @@ def _status_section(statuses: dict) -> str:
 def _quality_section(page: _Page, cfg: Config, statuses: dict, metrics: dict, class_names) -> str:
     parts = ['<h2 id="quality">Segmentation quality (IoU %)</h2>']
     cards = []
-    for stage, title in EVAL_STAGES:
+    eval_stages = [(stage, title) for stage, title in EVAL_STAGES if stage in statuses]   # the method's
+    for stage, title in eval_stages:
         if stage in metrics:
             value = f'{metrics[stage]["miou"]:.1f}%'
         else:
@@ -355,7 +356,7 @@ def _quality_section(page: _Page, cfg: Config, statuses: dict, metrics: dict, cl
     order = [c for c in class_names if c in seen] if class_names else []
     order += sorted(seen - set(order))
     head, sub = ["<th>class</th>"], ["<td class=note>split · images</td>"]
-    for stage, title in EVAL_STAGES:
+    for stage, title in eval_stages:
         st = statuses.get(stage, NOT_IN_METHOD)
         flag = f" ({st.state})" if st.state in ("stale", "incomplete", "unknown") else ""
         head.append(f'<th class=num><span class="sw" style="background:{STAGE_COLOURS[stage]}"></span>'
@@ -381,14 +382,14 @@ def _quality_section(page: _Page, cfg: Config, statuses: dict, metrics: dict, cl
         return "".join(out)
 
     for c in order:
-        values = [metrics[s]["per_class_iou"].get(c) if s in metrics else None for s, _ in EVAL_STAGES]
+        values = [metrics[s]["per_class_iou"].get(c) if s in metrics else None for s, _ in eval_stages]
         rows.append(f"<tr><td>{_e(c)}</td>{cells(values)}</tr>")
-    values = [metrics[s].get("miou") if s in metrics else None for s, _ in EVAL_STAGES]
+    values = [metrics[s].get("miou") if s in metrics else None for s, _ in eval_stages]
     rows.append(f"<tr class='total'><td>mIoU</td>{cells(values)}</tr>")
     parts.append(f"<table>{''.join(rows)}</table>")
     parts.append('<p class="note">Bold: best stage for that class. CAM and pseudo labels are scored on the eval '
                  'split, DeepLab on its test split, so the columns need not cover the same images.</p>')
-    series = [(s, t, metrics[s]) for s, t in EVAL_STAGES if s in metrics]
+    series = [(s, t, metrics[s]) for s, t in eval_stages if s in metrics]
     try:
         src = page.figure("iou_per_class.png", iou_chart, order, series)
         parts.append(f'<img class="chart" src="{src}" alt="per-class IoU chart">')

@@ -10,8 +10,16 @@ from PIL import Image
 from torch import nn
 
 from deeplab.model import MSC, DeepLabV2, load_deeplab_checkpoint
-from deeplab.train_utils import (msc_loss, param_groups, poly_lr, random_scale_crop, resize_labels,
-                                 set_poly_lr)
+from deeplab.train_utils import msc_loss, param_groups, random_scale_crop, resize_labels
+from pipeline.trainer import Schedule, set_lr
+
+
+def poly_lr(base, step, max_steps, power=0.9):
+    return base * Schedule("poly", power=power).factor(step, max_steps)
+
+
+def set_poly_lr(optimizer, base, step, max_steps, power=0.9):
+    return set_lr(optimizer, base, Schedule("poly", power=power).factor(step, max_steps))
 from pipeline.errors import PipelineError
 
 NUM_CLASSES = 5

@@ -57,8 +57,26 @@ def test_backbone_is_frozen_and_branches_learn(model):
     assert trainable == {id(p) for p in boundary_params + displacement_params}
 
 
+def test_displacement_centering_reference_leaves_training_alone():
+    """The reference never updates the mean in training (it is set after training, by
+    stages/train_irn.set_displacement_mean); eval subtracts whatever mean is set."""
+    model = IRNet("resnet18")
+    image = torch.randn(1, 3, 32, 32)
+    model.train()
+    with torch.no_grad():
+        _, raw = model(image)
+    assert torch.equal(model.displacement_centering.running_mean, torch.zeros(2))
+    model.displacement_centering.running_mean.copy_(torch.tensor([0.5, -0.25]))
+    model.eval()
+    with torch.no_grad():
+        _, centred = model(image)
+        _, uncentred = model(image, centre=False)
+    assert torch.allclose(centred, uncentred - torch.tensor([0.5, -0.25]).view(1, 2, 1, 1), atol=1e-6)
+
+
 def test_displacement_centering_tracks_then_subtracts_the_mean():
     model = IRNet("resnet18")
+    model.displacement_centering.track_in_training = True
     image = torch.randn(1, 3, 32, 32)
     model.train()
     with torch.no_grad():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.training import poly_lr, set_poly_lr
+from pipeline.trainer import Schedule, set_lr
 from stages.cam_to_ir_label import combine_confident
 from stages.crf import upsampled_probs
 from stages.eval_cam import cam_to_prediction, sweep_thresholds
@@ -63,11 +63,12 @@ def test_cotraining_loss_consistency_term():
 
 
 def test_poly_lr_values_and_groups():
-    assert poly_lr(0.1, 0, 100) == 0.1 and poly_lr(0.1, 100, 100) == 0.0
-    assert poly_lr(0.1, 50, 100, 0.9) == pytest.approx(0.1 * 0.5 ** 0.9)
+    poly = Schedule("poly", power=0.9)
+    assert 0.1 * poly.factor(0, 100) == 0.1 and 0.1 * poly.factor(100, 100) == 0.0
+    assert 0.1 * poly.factor(50, 100) == pytest.approx(0.1 * 0.5 ** 0.9)
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [p], "lr_mult": 10.0}], lr=1.0)
-    set_poly_lr(opt, 0.1, 50, 100)
+    set_lr(opt, 0.1, poly.factor(50, 100))
     assert opt.param_groups[0]["lr"] == pytest.approx(10 * 0.1 * 0.5 ** 0.9)
 
 
@@ -91,10 +92,10 @@ def test_upsampled_probs_are_a_distribution():
 
 
 def test_deeplab_logits_round_trip(tmp_path):
-    from stages.test_deeplab import read_logits, save_logits
+    from pipeline.catalogue import read_logits, write_logits
 
     logit = torch.randn(21, 5, 7) * 4
-    save_logits(tmp_path / "x.npz", logit, (37, 51))
+    write_logits(tmp_path / "x.npz", logit, (37, 51))
     back, size = read_logits(tmp_path / "x.npz")
     assert size == (37, 51) and back.dtype == np.float32
     np.testing.assert_allclose(back, logit.numpy(), atol=4e-3)  # float16 storage

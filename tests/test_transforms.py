@@ -1,6 +1,7 @@
 """The crop data set used by train_irn and train_deeplab keeps image and label aligned."""
 import numpy as np
 
+from pipeline.catalogue import Catalogue
 from pipeline.transforms import SegmentationCropDataset
 
 
@@ -22,11 +23,12 @@ def test_crop_dataset_keeps_labels_on_their_pixels(tmp_path):
     blocks = rng.integers(0, 5, (9, 13)).astype(np.uint8)
     label = np.kron(blocks, np.ones((6, 6), np.uint8))           # 54×78
     save_label_png(tmp_path / "a.png", label)
-    data = SegmentationCropDataset(_ColourCodedData(label), ["a"], lambda i: tmp_path / "a.png", crop=48,
+    labels = Catalogue(tmp_path, tmp_path).sem_seg
+    save_label_png(labels.path("a"), label)
+    data = SegmentationCropDataset(_ColourCodedData(label), ["a"], labels, crop=48,
                                    scale_range=[0.7, 1.6], mean=[0, 0, 0], std=[1 / 255] * 3)
     for epoch in range(6):
-        data.epoch = epoch
-        image, crop_label, _ = data[0]
+        image, crop_label, _ = data[epoch * len(data)]          # the sampler's key: epoch × n + index
         image, crop_label = image.numpy()[0], crop_label.numpy()   # image back in 0..255 grey levels
         assert image.shape == crop_label.shape == (48, 48)
         valid = crop_label != 255
