@@ -5,7 +5,7 @@
     python run_pipeline.py status --config configs/voc12.yaml
     python run_pipeline.py export --config configs/voc12.yaml --dest DIR [--copy]
     python run_pipeline.py report --config configs/voc12.yaml [--n-images N]
-    python run_pipeline.py demo-data --out DIR [--train N] [--val N] [--seed S] [--layout voc|coco]
+    python run_pipeline.py demo-data --out DIR [--train N] [--val N] [--seed S] [--layout voc|coco|folder]
     python run_pipeline.py demo [--config configs/demo.yaml]
 The method (config key `method`, default crt) gives the stage list; `status` shows it.
 Multi-GPU: torchrun --nproc_per_node=N run_pipeline.py run --config ...
@@ -151,7 +151,8 @@ def export(
         with RunLock(cfg, runtime):
             summary = export_pseudo_labels(cfg, runtime, dest, copy=copy)
         typer.echo(f"exported {summary['n_images']} pseudo labels to {summary['labels_dir']} "
-                   f"(list: {summary['list_file']}, {'copied' if copy else 'symlinked'})")
+                   f"(list: {summary['list_file']}, classes: {summary['classes']}, "
+                   f"{'copied' if copy else 'symlinked'})")
     except PipelineError as e:
         _fail(e)
 
@@ -197,9 +198,9 @@ def demo_data(
     train: int = typer.Option(160, "--train", help="Number of training images."),
     val: int = typer.Option(32, "--val", help="Number of validation images."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
-    layout: str = typer.Option("voc", "--layout", help="voc or coco."),
+    layout: str = typer.Option("voc", "--layout", help="voc, coco or folder (images/ + labels.csv + classes.txt)."),
 ):
-    """Generate the synthetic demo data set (VOC or COCO layout)."""
+    """Generate the synthetic demo data set (VOC, COCO or plain-folder layout)."""
     import time
 
     from dataset.demo import generate_demo_data
@@ -227,7 +228,7 @@ def demo(
         root = Path(cfg.data.root)
         if not root.exists():
             typer.echo(f"generating demo data in {root} ...")
-            layout = "coco" if cfg.data.dataset == "coco" else "voc"
+            layout = {"coco": "coco", "folder": "folder"}.get(cfg.data.dataset, "voc")
             generate_demo_data(root, seed=cfg.seed, layout=layout)
     except PipelineError as e:
         _fail(e)

@@ -76,6 +76,16 @@ class SegmentationDataset:
     def has_masks(self, split: str) -> bool:
         return all(self.mask_path(i).exists() for i in self.ids(split))
 
+    def validate(self, split: str, needs: tuple[str, ...]) -> None:
+        """Check, before any stage runs, what the stages need of `split` ("images", "masks", ...)
+        beyond existence. The big public layouts skip it (reading every file would take long);
+        a user's own folder is checked file by file."""
+
+    def eval_ids(self, split: str) -> list[str]:
+        """The images of `split` that evaluation scores (layouts with partial ground truth: those
+        that have a mask)."""
+        return self.ids(split)
+
     def has_instance_masks(self, split: str) -> bool:
         """Instance ground truth (eval_ins_seg); layouts without it answer False."""
         return False

@@ -15,9 +15,11 @@ from dataset.demo_paint import CLASS_NAMES, IMAGE_SIDE_RANGE, KINDS, SPLIT_CODES
 from pipeline.artifacts import atomic_path, save_label_png
 from pipeline.errors import PipelineError
 
-LAYOUTS = ("voc", "coco")
+LAYOUTS = ("voc", "coco", "folder")
 JPEG_QUALITY = 95
-_LABEL_SPACES = {"voc": VOC_CLASSES, "coco": COCO_CLASSES}
+FOLDER_CLASSES = ("background", "aeroplane", "bird", "car", "cat", "person")   # the demo's five classes
+_LABEL_SPACES = {"voc": VOC_CLASSES, "coco": COCO_CLASSES, "folder": FOLDER_CLASSES}
+FOLDER_MASK_EVERY = 4     # the folder demo has masks for every val image and one train image in 4
 MARKER_NAME = "demo_data.json"  # written last; marks the folder as ours to overwrite
 
 
@@ -71,7 +73,7 @@ def _prepare_output(out: Path) -> None:
     if (out / MARKER_NAME).exists():
         (out / MARKER_NAME).unlink()
         for sub in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationClassAug",
-                    "SegmentationObject", "ImageSets"):
+                    "SegmentationObject", "ImageSets", "images", "masks", "splits"):
             if (out / sub).is_dir():
                 shutil.rmtree(out / sub)
     elif any(out.iterdir()):
@@ -95,12 +97,13 @@ def generate_demo_data(out, n_train: int = 160, n_val: int = 32, seed: int = 0, 
         raise PipelineError(f"demo data seed must be an integer >= 0, got {seed!r}")
     out = Path(out)
     _prepare_output(out)
-    class_names = CLASS_NAMES[layout]
+    class_names = CLASS_NAMES["voc" if layout == "folder" else layout]
     label_space = _LABEL_SPACES[layout]
     class_ids = {kind: label_space.index(name) for kind, name in class_names.items()}
     lookup = np.zeros(256, np.uint8)  # instance index -> class id, filled per image
 
     split_ids: dict[str, list[str]] = {}
+    label_rows = ["image,labels"]
     for split, count in (("train", int(n_train)), ("val", int(n_val))):
         split_rng = np.random.default_rng([seed, SPLIT_CODES[split]])
         # the first object's class cycles through a reshuffled class list, so classes stay balanced
@@ -124,6 +127,13 @@ def generate_demo_data(out, n_train: int = 160, n_val: int = 32, seed: int = 0, 
                 objects = sample.instances.copy()
                 objects[edges] = IGNORE_LABEL
                 save_label_png(out / "SegmentationObject" / f"{image_id}.png", objects)
+            elif layout == "folder":
+                image_id = f"{split}_{index + 1:04d}"
+                _write_jpeg(out / "images" / f"{image_id}.jpg", sample.image)
+                if split == "val" or index % FOLDER_MASK_EVERY == 0:
+                    save_label_png(out / "masks" / f"{image_id}.png", semantic)
+                names = sorted({class_names[kind] for kind in sample.kinds}, key=label_space.index)
+                label_rows.append(f"{image_id},{';'.join(names)}")
             else:
                 folder = f"{split}2014"
                 image_id = f"COCO_{folder}_{index + 1:012d}"
@@ -136,6 +146,12 @@ def generate_demo_data(out, n_train: int = 160, n_val: int = 32, seed: int = 0, 
         lists = out / "ImageSets" / "Segmentation"
         for name, ids in (("train", split_ids["train"]), ("val", split_ids["val"]), ("train_aug", split_ids["train"])):
             _write_bytes(lists / f"{name}.txt", ("\n".join(ids) + "\n").encode())
+
+    if layout == "folder":
+        _write_bytes(out / "classes.txt", ("\n".join(FOLDER_CLASSES[1:]) + "\n").encode())
+        _write_bytes(out / "labels.csv", ("\n".join(label_rows) + "\n").encode())
+        for name, ids in split_ids.items():
+            _write_bytes(out / "splits" / f"{name}.txt", ("\n".join(ids) + "\n").encode())
 
     summary = {
         "layout": layout,

@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 _LAYOUTS: dict[str, type] = {}
-_BUILTIN_MODULES = ("dataset.voc12", "dataset.coco")
+_BUILTIN_MODULES = ("dataset.voc12", "dataset.coco", "dataset.folder")
 
 
 def register_dataset(name: str):

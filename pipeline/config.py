@@ -91,7 +91,7 @@ class RandomWalkParams:
 
 @dataclass
 class DataConfig:
-    dataset: str = "voc12"              # a registered layout: voc12, coco (see dataset/registry.py)
+    dataset: str = "voc12"              # a registered layout: voc12, coco, folder (dataset/registry.py)
     root: str = "data/VOCdevkit/VOC2012"
     train_split: str = "train_aug"      # train_cam, train_irn
     infer_split: str = "train_aug"      # make_cam .. make_sem_seg, export, train_deeplab

@@ -1,7 +1,10 @@
 """Export the pseudo labels for any downstream segmenter.
 
-DEST/pseudo_seg_labels/<id>.png   palette PNGs (symlinks to the run's `sem_seg` artifacts, or copies)
+DEST/pseudo_seg_labels/<id>.png   palette PNGs of label ids at the images' sizes (symlinks to the run's
+                                  `sem_seg` artifacts, or copies); 255 = ignore
 DEST/pseudo_seg_labels.txt        one `image label` pair per line, paths relative to DEST
+DEST/classes.json                 {"0": {"name": "background", "colour": [r, g, b]}, ...} for every label id
+                                  and 255, so any segmenter reads the labels without this toolkit
 """
 from __future__ import annotations
 
@@ -48,6 +51,14 @@ def _make_destination(labels_dir: Path) -> Path:
     return labels_dir
 
 
+def class_table(class_names) -> dict:
+    """Label id -> name and the palette colour the PNGs show it in (255: ignore)."""
+    palette = artifacts.voc_palette()
+    table = {str(i): {"name": name, "colour": palette[i].tolist()} for i, name in enumerate(class_names)}
+    table["255"] = {"name": "ignore", "colour": palette[255].tolist()}
+    return table
+
+
 def export_pseudo_labels(cfg: Config, runtime, dest: str | Path, copy: bool = False) -> dict:
     if LABEL_STAGE not in method_of(cfg).stage_names:
         raise PipelineError(f"cannot export: method '{cfg.method}' has no stage '{LABEL_STAGE}'")
@@ -81,6 +92,8 @@ def export_pseudo_labels(cfg: Config, runtime, dest: str | Path, copy: bool = Fa
         list_file = dest / "pseudo_seg_labels.txt"
         with artifacts.atomic_path(list_file) as tmp:
             tmp.write_text("\n".join(lines) + "\n")
+        artifacts.save_json(dest / "classes.json", class_table(dataset.class_names))
     except OSError as e:
         raise PipelineError(f"export: cannot write into {dest}: {e.strerror} ({e.filename})") from None
-    return {"n_images": len(ids), "labels_dir": str(labels_dir), "list_file": str(list_file)}
+    return {"n_images": len(ids), "labels_dir": str(labels_dir), "list_file": str(list_file),
+            "classes": str(dest / "classes.json")}

@@ -259,6 +259,7 @@ def preflight(cfg: Config, plan: list[StageSpec], runtime, explicit=()) -> list[
             ids = dataset.ids(split)       # an unknown or empty split is an error here
             if "images" in spec.needs:
                 dataset.check_images(split)
+            dataset.validate(split, spec.needs)
             if "labels" in spec.needs:
                 dataset.load_label_cache([split])
             if "masks" in spec.needs and not dataset.has_masks(split):

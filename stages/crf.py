@@ -85,6 +85,6 @@ def run(ctx) -> dict:
     if not dataset.has_masks(split):
         log.info("%s: split '%s' has no ground-truth masks: labels written, no metric computed", ctx.name, split)
         return summary
-    record = evaluate_and_write(ctx.artifacts, dataset, ids, crf_labels, ctx.name, split=split)
+    record = evaluate_and_write(ctx.artifacts, dataset, dataset.eval_ids(split), crf_labels, ctx.name, split=split)
     summary["metrics"] = {"miou": record["miou"]}
     return summary

@@ -47,7 +47,7 @@ def source_maps(cam: dict) -> dict[str, np.ndarray]:
 def run(ctx) -> dict:
     section, data = ctx.section, ctx.data
     dataset, cams = ctx.dataset, ctx.artifacts.cam
-    ids = dataset.ids(data.eval_split)     # the preflight checked their masks
+    ids = dataset.eval_ids(data.eval_split)     # the images with masks (the preflight checked there are some)
     thresholds = sorted(set(sweep_thresholds(section.sweep)) | {round(section.threshold, 4)})
     n_labels = len(dataset.class_names)
     confusions: dict[str, dict[float, np.ndarray]] = {}

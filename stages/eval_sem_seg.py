@@ -8,6 +8,6 @@ from pipeline.metrics import evaluate_and_write
 def run(ctx) -> dict:
     if not ctx.runtime.is_main:
         return {}
-    ids = ctx.dataset.ids(ctx.data.eval_split)     # the preflight checked their masks
+    ids = ctx.dataset.eval_ids(ctx.data.eval_split)     # the images with masks
     record = evaluate_and_write(ctx.artifacts, ctx.dataset, ids, ctx.artifacts.sem_seg, "eval_sem_seg")
     return {"metrics": {"miou": record["miou"]}}

@@ -65,7 +65,8 @@ def run(ctx) -> dict:
     if not dataset.has_masks(split):
         log.info("test_deeplab: split '%s' has no ground-truth masks: predictions written, no metric computed", split)
         return summary
-    record = evaluate_and_write(ctx.artifacts, dataset, ids, predictions, "test_deeplab", split=split)
+    record = evaluate_and_write(ctx.artifacts, dataset, dataset.eval_ids(split), predictions, "test_deeplab",
+                                split=split)
     summary["metrics"] = {"miou": record["miou"]}
     return summary
 
