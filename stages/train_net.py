@@ -32,8 +32,6 @@ def model_args(section, num_classes: int) -> dict:
     args = {"backbone": section.backbone, "num_classes": num_classes, "pretrained": section.pretrained,
             "aux_layer": section.aux_layer, "pos_embed_trainable": section.pos_embed_trainable,
             "seg_hidden": section.seg_hidden, "seg_dilation": section.seg_dilation, **section.model_kwargs}
-    if section.losses.ctc.weight > 0:
-        args["projection"] = dict(section.ctc.projection)
     return args
 
 
@@ -152,3 +150,9 @@ def run(ctx) -> dict:
 
 def expected_outputs(ctx):
     return [ctx.artifacts.weights.path("net")]
+
+
+def check(ctx) -> None:
+    if ctx.section.losses.ctc.weight > 0:
+        raise PipelineError("train_net.losses.ctc: class token contrast (CTC) is not in this version of the "
+                            "toolkit yet; set train_net.losses.ctc.weight: 0")

@@ -1,0 +1,102 @@
+"""ToCo on the single-stage engine: the published network that configs/toco_voc12.yaml builds, the
+online pseudo-label step, and every ToCo stage end to end on tiny data through the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from net.registry import build_model
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.methods import get_method
+from stages.train_net import model_args, term_on
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_toco_voc12_builds_the_published_network():
+    cfg = load_config(REPO / "configs" / "toco_voc12.yaml", ["train_net.pretrained=false"])
+    assert cfg.method == "toco" and cfg.train_net.backbone == "vit_base_patch16_224.orig_in21k_ft_in1k"
+    net = build_model("single_stage_vit", model_args(cfg.train_net, 20))
+    vit = net.backbone
+    assert vit.depth == 12 and vit.embed_dim == 768 and vit.patch_size == 16
+    assert vit.aux_index == 9                                   # block 10 of 12
+    assert not vit.vit.pos_embed.requires_grad                  # frozen, resized per forward
+    assert net.classifier.classifier.bias is None and net.classifier.pool == "gmp"
+    assert net.seg_head.conv6.dilation == (5, 5) and net.seg_head.conv8.out_channels == 21
+    encoder, heads = net.param_groups()
+    assert len(encoder) + len(heads) == sum(1 for p in net.parameters() if p.requires_grad)
+    assert {id(p) for p in net.seg_head.parameters()} <= {id(p) for p in heads}
+    opt = cfg.train_net.optimizer
+    assert (opt.kind, opt.lr, opt.weight_decay, opt.warmup_steps, cfg.train_net.head_lr_mult) == (
+        "adamw", 6e-5, 0.01, 1500, 10)
+    assert (cfg.train_net.thresholds.low, cfg.train_net.thresholds.high) == (0.25, 0.7)
+    assert term_on(cfg.train_net.losses.seg, 2001) and not term_on(cfg.train_net.losses.seg, 2000)
+    coco = load_config(REPO / "configs" / "toco_coco.yaml")
+    assert coco.train_net.iterations == 80000 and coco.train_net.batch_size == 8
+    assert coco.train_net.thresholds.high == 0.65 and coco.test_seg_head.resize_to == 448
+    with torch.no_grad():
+        out = net(torch.zeros(1, 3, 96, 112))
+    assert out.cams.shape == (1, 20, 6, 7) and out.seg.shape == (1, 21, 6, 7)
+
+
+def test_aux_layer_deeper_than_the_model_is_a_clear_error():
+    cfg = load_config(None, ["train_net.backbone=vit_tiny_patch16_224", "train_net.pretrained=false",
+                             "train_net.aux_layer=14"])
+    with pytest.raises(PipelineError, match="aux_layer 14"):
+        build_model("single_stage_vit", model_args(cfg.train_net, 20))
+
+
+def tiny_toco(root: Path, work: Path) -> dict:
+    return {
+        "method": "toco", "run_name": "toco", "work_dir": str(work), "device": "cpu", "seed": 0,
+        "data": {"dataset": "voc12", "root": str(root), "train_split": "train", "infer_split": "train",
+                 "eval_split": "train", "val_split": "val"},
+        "train_net": {"backbone": "vit_tiny_patch16_224", "pretrained": False, "aux_layer": -2,
+                      "model_kwargs": {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 64},
+                      "pos_embed_trainable": True, "seg_hidden": 16, "iterations": 8, "batch_size": 4,
+                      "crop_size": 64, "cam_scales": [1.0, 0.5], "checkpoint_every": 4, "log_every": 4,
+                      "num_workers": 0, "optimizer": {"lr": 0.001, "warmup_steps": 2},
+                      "losses": {"ctc": {"weight": 0}, "seg": {"start": 4}, "reg": {"start": 4}}},
+        "make_cam": {"cam_source": "net", "scales": [1.0]},
+        "make_sem_seg": {"source": "cam_refine"},
+        "test_seg_head": {"scales": [1.0]},
+        "crf_seg_head": {"iters": 2, "num_workers": 1},
+        "train_deeplab": {"enabled": False}, "test_deeplab": {"enabled": False}, "crf": {"enabled": False},
+    }
+
+
+def test_every_toco_stage_end_to_end(tmp_path):
+    root = tmp_path / "data"
+    subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), "demo-data", "--out", str(root), "--train", "8",
+                    "--val", "4"], check=True, cwd=REPO, capture_output=True)
+    config = tmp_path / "toco.yaml"
+    config.write_text(yaml.safe_dump(tiny_toco(root, tmp_path)))
+    proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), "run", "--config", str(config)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = tmp_path / "result" / "toco"
+    for stage in get_method("toco").stage_names[:7]:
+        assert f"{stage:<17}done" in proc.stdout, proc.stdout
+    assert "train_deeplab    disabled" in proc.stdout
+    assert "seg " in proc.stderr + proc.stdout and "reg " in proc.stderr + proc.stdout    # the later terms ran
+    cam = np.load(next((result / "cam").glob("*.npz")))
+    assert {"keys", "cam", "high_res", "net_high_res", "aux_high_res"} <= set(cam.files)
+    eval_cam = json.loads((result / "metrics" / "eval_cam.json").read_text())
+    assert set(eval_cam["sources"]) == {"net", "aux"}
+    for stage in ("test_seg_head", "crf_seg_head"):
+        assert json.loads((result / "metrics" / f"{stage}.json").read_text())["n_images"] == 4
+    assert len(list((result / "seg_head" / "crf").glob("*.png"))) == 4
+    state = torch.load(tmp_path / "sess" / "toco" / "net.pth", weights_only=True)
+    assert state["kind"] == "single_stage_vit"
+    ctc_on = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), "stage", "train_net", "--config",
+                             str(config), "--set", "train_net.losses.ctc.weight=0.5"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert ctc_on.returncode == 2 and "train_net.losses.ctc" in ctc_on.stderr
