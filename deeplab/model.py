@@ -28,6 +28,17 @@ from net.registry import register_model
 log = logging.getLogger(__name__)
 
 
+def dilate_first_blocks(backbone: nn.Module) -> None:
+    """timm's output_stride=8 leaves the first block of layer3 (layer4) at the previous stage's
+    dilation, 1 (2); the reference's Caffe ResNet dilates every block of layer3 by 2 and of layer4
+    by 4, the first included. Set the first block's 3x3 convolutions to the stage's dilation."""
+    for name, rate in (("layer3", 2), ("layer4", 4)):
+        first = getattr(backbone, name)[0]
+        for conv in first.modules():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1):
+                conv.dilation, conv.padding = (rate, rate), (rate, rate)
+
+
 class ASPP(nn.Module):
     """Four parallel 3x3 convolutions, dilated at `rates`, from the features
     straight to class scores; their outputs are summed (DeepLabv2's ASPP-L)."""
@@ -59,10 +70,12 @@ class DeepLabV2(nn.Module):
     output_stride = 8
 
     def __init__(self, backbone: str = "resnet101", num_classes: int = 21,
-                 pretrained: bool | str = False, rates=(6, 12, 18, 24)):
+                 pretrained: bool | str = False, rates=(6, 12, 18, 24), dilate_first_block: bool = True):
         super().__init__()
         self.backbone = create_timm_model(backbone, pretrained, output_stride=self.output_stride,
                                           num_classes=0, global_pool="")
+        if dilate_first_block:
+            dilate_first_blocks(self.backbone)
         self.aspp = ASPP(self.backbone.num_features, num_classes, rates)
         self.num_classes = num_classes
         for module in self.modules():
@@ -139,10 +152,11 @@ def load_deeplab_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[st
 
 @register_model("deeplab")
 def build_deeplab(backbone: str = "resnet101", num_classes: int = 21, pretrained: bool | str = False,
-                  msc_scales=(0.75, 0.5)) -> MSC:
+                  msc_scales=(0.75, 0.5), dilate_first_block: bool = True) -> MSC:
     """MSC(DeepLabV2). `pretrained` may be a local file: a DeepLab checkpoint or backbone weights."""
     local = isinstance(pretrained, str) and pretrained.lower() not in ("true", "false")
-    base = DeepLabV2(backbone, num_classes=num_classes, pretrained=False if local else pretrained)
+    base = DeepLabV2(backbone, num_classes=num_classes, pretrained=False if local else pretrained,
+                     dilate_first_block=dilate_first_block)
     if local:
         load_deeplab_checkpoint(base, pretrained)
     return MSC(base, scales=tuple(msc_scales))

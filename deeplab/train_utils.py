@@ -129,3 +129,32 @@ def random_scale_crop(image: np.ndarray, label: np.ndarray, crop: int, scale_ran
     if flip and rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+class DeepLabCropDataset(torch.utils.data.Dataset):
+    """DeepLab's training samples: `random_scale_crop` (a scale from `scales`, bottom/right padding,
+    random crop, flip) of each image and its pseudo label (a catalogue artifact), normalised.
+    Augmentation draws from (seed, epoch, index): a resumed run sees the same samples."""
+
+    def __init__(self, dataset, ids, labels, crop: int, scales, mean, std, seed: int = 0):
+        self.dataset, self.ids, self.labels, self.crop = dataset, list(ids), labels, crop
+        self.scales, self.mean, self.std, self.seed = tuple(scales), mean, std, seed
+        self.pad_rgb = tuple(int(round(m * 255)) for m in mean)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key: int):
+        from pipeline.errors import PipelineError
+        from pipeline.trainer import decode_key
+        from pipeline.transforms import normalize, to_tensor
+
+        epoch, index = decode_key(key, len(self.ids))
+        image_id = self.ids[index]
+        image, label = self.dataset.load_image(image_id), self.labels.read(image_id)
+        if label.shape != image.shape[:2]:
+            raise PipelineError(f"label {self.labels.path(image_id)} is {label.shape}, image "
+                                f"{self.dataset.image_path(image_id)} is {image.shape[:2]}")
+        image, label = random_scale_crop(image, label, self.crop, rng=np.random.default_rng([self.seed, epoch, index]),
+                                         scale_choices=self.scales, pad_rgb=self.pad_rgb)
+        return to_tensor(normalize(image, self.mean, self.std)), torch.from_numpy(label).long(), index

@@ -287,7 +287,12 @@ class TrainDeeplabConfig:
     batch_size: int = checked(5, POSITIVE)        # global, per forward pass; × accumulation per step
     accumulation: int = checked(2, POSITIVE)
     crop_size: int = checked(321, POSITIVE)
-    scale_range: list[float] = checked([0.5, 1.5], RANGE)
+    # The reference draws each crop's scale from this set and pads at the bottom/right (image with
+    # the mean, label 255) before the random crop (deeplab/train_utils.random_scale_crop).
+    scales: list[float] = checked([0.5, 0.75, 1.0, 1.25, 1.5], SCALES)
+    # The reference dilates every block of layer3 (2) and layer4 (4), the first included; timm
+    # leaves the first block of each at the previous rate.
+    dilate_first_block: bool = True
     msc_scales: list[float] = checked([0.75, 0.5], SCALES)
     optimizer: OptimizerConfig = checked(OptimizerConfig(lr=2.5e-4, momentum=0.9, weight_decay=5e-4))
     amp: bool = False

@@ -1,5 +1,6 @@
 """train_deeplab: DeepLabv2 (MSC) on the pseudo labels of make_sem_seg, iteration-based.
 
+Crops as the reference: a scale from `scales`, padding at the bottom/right, random crop, flip.
 Each iteration accumulates `accumulation` batches; the loss is the sum of the
 cross-entropies (ignore 255) of every MSC output and of their max. Poly lr per
 iteration with lr groups (backbone 1×, ASPP weights 10×, ASPP biases 20× and no
@@ -14,18 +15,17 @@ from net.backbone import copy_backbone_from
 from net.registry import build_model, read_model_file, save_model
 from pipeline.errors import PipelineError
 from pipeline.trainer import Trainer, make_loader, optimizer_from_config, schedule_from_config
-from pipeline.transforms import SegmentationCropDataset
 
 log = logging.getLogger("wsss")
 
 
 def model_args(section, num_labels: int) -> dict:
     return {"backbone": section.backbone, "num_classes": num_labels, "pretrained": section.pretrained,
-            "msc_scales": list(section.msc_scales)}
+            "msc_scales": list(section.msc_scales), "dilate_first_block": section.dilate_first_block}
 
 
 def run(ctx) -> dict:
-    from deeplab.train_utils import msc_loss, param_groups
+    from deeplab.train_utils import DeepLabCropDataset, msc_loss, param_groups
 
     section, data, runtime = ctx.section, ctx.data, ctx.runtime
     dataset, pseudo_labels = ctx.dataset, ctx.artifacts.sem_seg
@@ -37,8 +37,8 @@ def run(ctx) -> dict:
     model = build_model("deeplab", args).to(runtime.device)
     if section.init_from_cam:
         copy_backbone_from(model.base.backbone, ctx.artifacts.weights.path("cam_cnn"), runtime.device)
-    train_set = SegmentationCropDataset(dataset, ids, pseudo_labels, section.crop_size, section.scale_range,
-                                        data.mean, data.std, seed=ctx.seed)
+    train_set = DeepLabCropDataset(dataset, ids, pseudo_labels, section.crop_size, section.scales, data.mean,
+                                   data.std, seed=ctx.seed)
     loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed,
                          key="train_deeplab.batch_size")
     opt = section.optimizer

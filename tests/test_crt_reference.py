@@ -218,3 +218,38 @@ def test_perfect_cam_survives_ir_labels_and_the_walk(seed):
     walked = random_walk(strided.numpy(), gt_boundary(gt), radius=5, beta=10, exp_times=2)
     label = walk_to_labels(np.asarray(walked), keys, gt.shape, 0.25)
     assert miou_percent(confusion_matrix(label, gt, n)) >= 90
+
+
+def test_voc12_deeplab_is_the_reference(voc12):
+    from stages.train_deeplab import model_args
+
+    msc = build_model("deeplab", model_args(voc12.train_deeplab, 21))
+    backbone = msc.base.backbone
+    for name, rate in (("layer3", 2), ("layer4", 4)):
+        for block in getattr(backbone, name):
+            assert block.conv2.dilation == (rate, rate) and block.conv2.padding == (rate, rate), name
+    assert voc12.train_deeplab.scales == [0.5, 0.75, 1.0, 1.25, 1.5]
+    with torch.no_grad():
+        assert msc.eval()(torch.zeros(1, 3, 65, 81)).shape[-2:] == (9, 11)
+
+
+def test_deeplab_crops_pad_at_the_bottom_right(tmp_path):
+    from deeplab.train_utils import DeepLabCropDataset
+    from pipeline.catalogue import Catalogue
+    from pipeline.artifacts import save_label_png
+
+    class Data:
+        def load_image(self, image_id):
+            return np.full((20, 30, 3), 200, np.uint8)
+
+        def image_path(self, image_id):
+            return Path(image_id)
+
+    labels = Catalogue(tmp_path, tmp_path).sem_seg
+    save_label_png(labels.path("a"), np.full((20, 30), 3, np.uint8))
+    data = DeepLabCropDataset(Data(), ["a"], labels, crop=48, scales=[1.0], mean=MEAN, std=STD)
+    for epoch in range(4):
+        _, label, _ = data[epoch]
+        label = label.numpy()
+        # the image keeps its top-left corner inside the crop: padding only at the bottom (and, flipped, a side)
+        assert (label[:20] != 255).sum() == 20 * 30 and (label[20:] == 255).all()

@@ -293,3 +293,28 @@ def test_test_deeplab_on_a_split_without_ground_truth(tiny_run):
     assert (nogt / "deeplab" / "pred" / "2099_000001.png").exists()
     assert "miou" not in manifest(nogt, "test_deeplab")["metrics"]
     assert not (nogt / "metrics" / "test_deeplab.json").exists()  # no figure from another split left behind
+
+
+def test_deleted_weights_or_changed_image_rerun_exactly_the_dependants(tiny_run):
+    """Deleting one weights file, or changing one image, re-runs exactly the stages that depend on it,
+    in full, and `status` says why first. (Last in this file: it changes the run.)"""
+    base, config, result, _ = tiny_run
+    cli("run", "--config", config)                                   # everything current again
+    before = {s: manifest(result, s)["run_id"] for s in ALL_RUN}
+    (base / "sess" / "tiny" / "irn.pth").unlink()
+    status = cli("status", "--config", config).stdout
+    assert "train_irn        incomplete" in status and "irn.pth" in status
+    cli("run", "--config", config)
+    after = {s: manifest(result, s)["run_id"] for s in ALL_RUN}
+    rerun = [s for s in ALL_RUN if after[s] != before[s]]
+    assert rerun == ["train_irn", "make_sem_seg", "eval_sem_seg", "make_ins_seg", "eval_ins_seg", "train_deeplab",
+                     "test_deeplab", "crf"], rerun
+    assert manifest(result, "make_sem_seg")["outputs"]["computed_on_rank0"] == 8     # in full
+    # one changed training image: its CAM and everything downstream
+    image = base / "VOC2012" / "JPEGImages" / f"{(base / 'VOC2012' / 'ImageSets' / 'Segmentation' / 'train.txt').read_text().split()[0]}.jpg"
+    pixels = np.asarray(Image.open(image)).copy()
+    pixels[:8, :8] = 255 - pixels[:8, :8]
+    Image.fromarray(pixels).save(image, quality=95)
+    status = cli("status", "--config", config).stdout
+    assert "train_cam        stale" in status and "input files changed" in status
+    assert "test_deeplab     stale" in status                       # downstream, through the chain
