@@ -131,6 +131,43 @@ class MSC(nn.Module):
         return [logits, *(resized if self.resize_scaled_outputs else scaled), fused]
 
 
+_REFERENCE_PARTS = {"reduce": ("conv1", "bn1"), "conv3x3": ("conv2", "bn2"), "increase": ("conv3", "bn3"),
+                    "proj": ("downsample.0", "downsample.1"), "shortcut": ("downsample.0", "downsample.1")}
+
+
+def is_reference_format(state: dict) -> bool:
+    """A deeplab-pytorch (kazuto1011) checkpoint, converted from Caffe: `layer1.conv1.conv.weight`,
+    `layerN.blockM.{reduce,conv3x3,increase,proj|shortcut}.{conv,bn}.*`, `aspp.[stages.]cK.*`."""
+    return any(".conv1.conv." in k or ".reduce.conv." in k for k in state)
+
+
+def map_reference_keys(state: dict) -> dict:
+    """deeplab-pytorch key names -> ours (timm ResNet + our ASPP). Its layer1 is the stem and
+    layer2..layer5 are ResNet's layer1..layer4; block numbers start at 1. The Caffe ResNet puts a
+    stage's stride on the first 1x1 convolution where timm puts it on the 3x3: the weights have the
+    same shapes and load, the sampling grid differs by a pixel (documented in the README)."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "base":                      # its MSC wrapper
+            parts = parts[1:]
+        if parts[0] == "layer1" and parts[1] == "conv1":
+            target = ["backbone", "conv1" if parts[2] == "conv" else "bn1", *parts[3:]]
+        elif parts[0] in ("layer2", "layer3", "layer4", "layer5") and parts[1].startswith("block") \
+                and parts[2] in _REFERENCE_PARTS:
+            conv, bn = _REFERENCE_PARTS[parts[2]]
+            stage = f"layer{int(parts[0][5:]) - 1}"
+            block = str(int(parts[1][5:]) - 1)
+            target = ["backbone", stage, block, *(conv if parts[3] == "conv" else bn).split("."), *parts[4:]]
+        elif parts[0] == "aspp":
+            rest = parts[2:] if parts[1] == "stages" else parts[1:]
+            target = ["aspp", "branches", rest[0].lstrip("c"), *rest[1:]]
+        else:
+            target = parts                             # unknown: reported as unexpected
+        out[".".join(target)] = value
+    return out
+
+
 def load_deeplab_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
     """Load weights into a DeepLabV2 or MSC non-strictly; returns (missing,
     unexpected) key lists, named as in `model`, and logs them.
@@ -139,15 +176,23 @@ def load_deeplab_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[st
     MSC, possibly under a "model"/"state_dict" key, possibly with DDP's
     "module." prefix), or plain backbone weights (e.g. a timm ResNet state
     dict, whose keys get the "backbone." prefix; its "fc.*" are reported as
-    unexpected and the ASPP as missing). Tensors whose shape differs from the
-    model's (another number of classes) are skipped and reported as unexpected.
+    unexpected and the ASPP as missing), or the reference's COCO-pretrained
+    DeepLab-v2 in deeplab-pytorch's format (`map_reference_keys`; below half of
+    our tensors matched it is an error naming the file). Tensors whose shape
+    differs from the model's (another number of classes) are skipped and
+    reported as unexpected.
     """
-    state = strip_prefixes(read_state_dict(path, "DeepLab checkpoint"), ("module.", "base."))
+    state = read_state_dict(path, "DeepLab checkpoint")
+    reference = is_reference_format(state)
+    if reference:
+        state = map_reference_keys(state)
+    state = strip_prefixes(state, ("module.", "base."))
     if not any(key.startswith(("backbone.", "aspp.")) for key in state):
         state = {f"backbone.{key}": value for key, value in state.items()}
     if isinstance(model, MSC):
         state = {f"base.{key}": value for key, value in state.items()}
-    return load_non_strict(model, state, path)
+    # a reference checkpoint must fill the backbone: below half of our tensors it is another model
+    return load_non_strict(model, state, path, min_share=0.5 if reference else 0.0)
 
 
 @register_model("deeplab")

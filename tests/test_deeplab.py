@@ -256,3 +256,51 @@ def test_random_scale_crop_pads_label_with_255_and_image_with_mean():
     assert (half != 255).sum() == 10 * 15
     with pytest.raises(ValueError, match="label"):
         random_scale_crop(image, label[:, :-1], crop=41)
+
+
+def _as_reference_names(state: dict, prefix: str = "") -> dict:
+    """Our DeepLabV2 state dict under deeplab-pytorch's (Caffe-converted) key names."""
+    inverse = {"conv1": ("reduce", "conv"), "bn1": ("reduce", "bn"), "conv2": ("conv3x3", "conv"),
+               "bn2": ("conv3x3", "bn"), "conv3": ("increase", "conv"), "bn3": ("increase", "bn")}
+    out = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        parts = key.split(".")
+        if parts[:2] == ["backbone", "conv1"]:
+            name = ["layer1", "conv1", "conv", *parts[2:]]
+        elif parts[:2] == ["backbone", "bn1"]:
+            name = ["layer1", "conv1", "bn", *parts[2:]]
+        elif parts[0] == "backbone":
+            stage, block = f"layer{int(parts[1][5:]) + 1}", f"block{int(parts[2]) + 1}"
+            if parts[3] == "downsample":
+                name = [stage, block, "shortcut", "conv" if parts[4] == "0" else "bn", *parts[5:]]
+            else:
+                unit, kind = inverse[parts[3]]
+                name = [stage, block, unit, kind, *parts[4:]]
+        else:                                   # aspp.branches.K.* -> aspp.cK.*
+            name = ["aspp", f"c{parts[2]}", *parts[3:]]
+        out[prefix + ".".join(name)] = value
+    return out
+
+
+def test_reference_deeplab_checkpoint_loads_every_backbone_tensor(tmp_path):
+    from deeplab.model import map_reference_keys
+
+    source = DeepLabV2("resnet101", num_classes=91)           # COCO-stuff head: its ASPP will not fit
+    reference = _as_reference_names(source.state_dict(), prefix="base.")
+    assert "base.layer2.block1.reduce.conv.weight" in reference and "base.aspp.c3.bias" in reference
+    assert "base.layer5.block3.increase.bn.running_var" in reference and len(reference) > 500
+    mapped = map_reference_keys(reference)
+    assert set(mapped) == {k for k in source.state_dict() if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": reference}, tmp_path / "coco_init.pth")
+    target = DeepLabV2("resnet101", num_classes=21)
+    missing, unexpected = load_deeplab_checkpoint(target, tmp_path / "coco_init.pth")
+    assert all(k.startswith("aspp.") for k in missing) and all(k.startswith("aspp.") for k in unexpected)
+    for key, value in target.backbone.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, source.backbone.state_dict()[key]), key
+    # a reference-format file of another network is refused, naming the file
+    torch.save({"layer1.conv1.conv.weight": torch.zeros(3, 3, 1, 1)}, tmp_path / "other.pth")
+    with pytest.raises(PipelineError, match="other.pth"):
+        load_deeplab_checkpoint(DeepLabV2("resnet101", num_classes=21), tmp_path / "other.pth")
