@@ -81,6 +81,21 @@ def evaluate_label_files(dataset, ids, labels, stage: str) -> np.ndarray:
     return conf
 
 
+def score_split(ctx, split: str, ids, labels, computed: int) -> dict:
+    """The summary of a stage that predicted label maps `labels` for the images `ids` of `split`,
+    with their mIoU (on the images that have ground truth) when the split has any; after the
+    stage's ranks have all written (call it on every rank)."""
+    summary = {"outputs": {"images": len(ids), "split": split, "computed_on_rank0": computed}}
+    if not ctx.runtime.is_main:
+        return summary
+    if not ctx.dataset.has_masks(split):
+        log.info("%s: split '%s' has no ground-truth masks: predictions written, no metric computed", ctx.name, split)
+        return summary
+    record = evaluate_and_write(ctx.artifacts, ctx.dataset, ctx.dataset.eval_ids(split), labels, ctx.name, split=split)
+    summary["metrics"] = {"miou": record["miou"]}
+    return summary
+
+
 def evaluate_and_write(catalogue, dataset, ids, labels, stage: str, **extra) -> dict:
     """Score the label maps `labels` of `ids` against the ground truth, write the stage's metrics, log the table."""
     conf = evaluate_label_files(dataset, ids, labels, stage)

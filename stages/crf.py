@@ -15,7 +15,7 @@ from net.crf import crf_arguments
 from pipeline import artifacts
 from pipeline.catalogue import read_logits
 from pipeline.errors import PipelineError
-from pipeline.metrics import evaluate_and_write
+from pipeline.metrics import score_split
 from pipeline.parallel import parallel_map
 
 log = logging.getLogger("wsss")
@@ -79,12 +79,4 @@ def run(ctx) -> dict:
     log.info("%s: %d images of '%s' (%d to compute on this rank)", ctx.name, len(ids), split, len(todo))
     parallel_map(_one_image, jobs, section.num_workers, ctx.name, enabled=runtime.is_main)
     runtime.barrier()
-    summary = {"outputs": {"images": len(ids), "split": split, "computed_on_rank0": len(todo)}}
-    if not runtime.is_main:
-        return summary
-    if not dataset.has_masks(split):
-        log.info("%s: split '%s' has no ground-truth masks: labels written, no metric computed", ctx.name, split)
-        return summary
-    record = evaluate_and_write(ctx.artifacts, dataset, dataset.eval_ids(split), crf_labels, ctx.name, split=split)
-    summary["metrics"] = {"miou": record["miou"]}
-    return summary
+    return score_split(ctx, split, ids, crf_labels, len(todo))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from net.registry import load_model, read_model_file
-from pipeline.metrics import evaluate_and_write
+from pipeline.metrics import score_split
 from pipeline.runtime import progress
 from pipeline.transforms import normalize, to_tensor
 
@@ -59,16 +59,7 @@ def run(ctx) -> dict:
             logits.write(image_id, logit, image.shape[:2])
         predictions.write(image_id, label)
     runtime.barrier()
-    summary = {"outputs": {"images": len(ids), "split": split, "computed_on_rank0": len(todo)}}
-    if not runtime.is_main:
-        return summary
-    if not dataset.has_masks(split):
-        log.info("test_deeplab: split '%s' has no ground-truth masks: predictions written, no metric computed", split)
-        return summary
-    record = evaluate_and_write(ctx.artifacts, dataset, dataset.eval_ids(split), predictions, "test_deeplab",
-                                split=split)
-    summary["metrics"] = {"miou": record["miou"]}
-    return summary
+    return score_split(ctx, split, ids, predictions, len(todo))
 
 
 def check(ctx) -> None:

@@ -10,7 +10,7 @@ import logging
 
 from net.registry import load_model, read_model_file
 from net.single_stage import segment_image
-from pipeline.metrics import evaluate_and_write
+from pipeline.metrics import score_split
 from pipeline.runtime import progress
 
 log = logging.getLogger("wsss")
@@ -41,16 +41,7 @@ def run(ctx) -> dict:
         logits.write(image_id, small, image.shape[:2])
         predictions.write(image_id, label)
     runtime.barrier()
-    summary = {"outputs": {"images": len(ids), "split": split, "computed_on_rank0": len(todo)}}
-    if not runtime.is_main:
-        return summary
-    if not dataset.has_masks(split):
-        log.info("test_seg_head: split '%s' has no ground-truth masks: predictions written, no metric", split)
-        return summary
-    record = evaluate_and_write(ctx.artifacts, dataset, dataset.eval_ids(split), predictions, "test_seg_head",
-                                split=split)
-    summary["metrics"] = {"miou": record["miou"]}
-    return summary
+    return score_split(ctx, split, ids, predictions, len(todo))
 
 
 def check(ctx) -> None:
