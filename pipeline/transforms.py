@@ -99,8 +99,9 @@ class ClassificationDataset(Dataset):
 
 
 class SegmentationCropDataset(Dataset):
-    """Images with a per-pixel label map (IR labels or pseudo labels) for train_irn / train_deeplab:
-    random rescale in `scale_range`, flip, pad (label 255) and random crop."""
+    """Images with a per-pixel label map (the IR labels) for train_irn: random rescale in
+    `scale_range`, flip, pad (label 255) at a random offset and random crop. (DeepLab crops as its
+    reference: deeplab/train_utils.DeepLabCropDataset.)"""
 
     def __init__(self, dataset, ids, labels, crop: int, scale_range, mean, std, seed: int = 0):
         """`labels`: the catalogue's artifact holding the label maps (ir_label or sem_seg)."""
@@ -163,8 +164,8 @@ class SingleStageCropDataset(Dataset):
     random rescale of both sides by U(rescale), flip, a crop×crop crop (zero padding at a random
     offset when smaller; `box` = (top, bottom, left, right) of the image inside the crop), then
     the network input: another flip, photometric augmentation (`augment`: jitter_p, gray_p,
-    blur_p), normalisation. Returns (image (3, crop, crop), multi-hot (C,), box int64 (4,), index).
-    Images must be at least `min_side` pixels on their short side after rescaling."""
+    blur_p), normalisation. Returns (image (3, crop, crop), multi-hot (C,), box int64 (4,), index);
+    a crop that holds no image at all is an error naming the image."""
 
     def __init__(self, dataset, ids, crop: int, rescale, mean, std, augment: dict, seed: int = 0):
         self.dataset, self.ids, self.crop, self.rescale = dataset, list(ids), crop, rescale

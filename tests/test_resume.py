@@ -107,3 +107,25 @@ def test_killed_runs_resume_to_the_same_outputs(data, tmp_path):
     assert killed[0], "the training stage finished before it could be killed"
     assert_same(reference, outputs(result, sess))
     assert not list(result.rglob(".*.tmp")) and not list(sess.rglob(".*.tmp"))
+
+
+def test_ctrl_c_in_a_process_pool_is_one_line_and_130(data, tmp_path):
+    cfg = tiny(data, tmp_path, "sigint")
+    cfg["cam_to_ir_label"] = {"num_workers": 2, "crf": {"iters": 60}}    # slow enough to be interrupted
+    config = tmp_path / "sigint.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    finish_to = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), "run", "--config", str(config), "--to",
+                                "make_cam"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert finish_to.returncode == 0, finish_to.stderr[-2000:]
+    result = tmp_path / "result" / "sigint"
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_pipeline.py"), "run", "--config", str(config), "--to",
+                             STAGES], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    t0 = time.time()
+    while proc.poll() is None and not list((result / "ir_label").glob("*.png")) and time.time() - t0 < 300:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)              # Ctrl-C reaches the whole process group, as in a terminal
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130, err[-2000:]
+    assert len(lines) == 1 and "interrupted" in lines[0], err[-2000:]
