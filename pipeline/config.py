@@ -375,6 +375,9 @@ class RegConfig:
     sigma_rgb: float = checked(15.0, POSITIVE)
     sigma_xy: float = checked(100.0, POSITIVE)
     scale: float = checked(0.5, (lambda v: 0 < v <= 1, "must be within (0, 1]"))
+    # the exact kernel is evaluated on at most this many pixels per image (energy rescaled to the
+    # reference's grid; engine/regulariser.py)
+    max_pixels: int = checked(4096, POSITIVE)
 
 
 @dataclass

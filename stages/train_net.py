@@ -120,7 +120,7 @@ class SingleStageLoss:
         r = self.section.reg
         return dense_energy_loss(images, torch.softmax(seg_logits, dim=1), labels, boxes, self.data.mean,
                                  self.data.std, sigma_rgb=r.sigma_rgb, sigma_xy=r.sigma_xy, scale=r.scale,
-                                 weight=r.inner_weight)
+                                 weight=r.inner_weight, max_pixels=r.max_pixels)
 
 
 def run(ctx) -> dict:
