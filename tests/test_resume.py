@@ -111,7 +111,7 @@ def test_killed_runs_resume_to_the_same_outputs(data, tmp_path):
 
 def test_ctrl_c_in_a_process_pool_is_one_line_and_130(data, tmp_path):
     cfg = tiny(data, tmp_path, "sigint")
-    cfg["cam_to_ir_label"] = {"num_workers": 2, "crf": {"iters": 60}}    # slow enough to be interrupted
+    cfg["cam_to_ir_label"] = {"num_workers": 2, "crf": {"iters": 1500}}   # seconds per image: surely interrupted
     config = tmp_path / "sigint.yaml"
     config.write_text(yaml.safe_dump(cfg))
     finish_to = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), "run", "--config", str(config), "--to",
