@@ -26,6 +26,9 @@ class SegmentationDataset:
 
     name = "base"
     class_names: tuple[str, ...] = ()
+    # image file -> (H, W, 3) uint8 RGB; a plain function, so process-pool stages (CRF) read
+    # images in their workers exactly as `load_image` does
+    read_image = staticmethod(artifacts.load_rgb)
 
     def __init__(self, root: str | Path, cache_dir: str | Path | None = None):
         self.root = Path(root)
@@ -91,7 +94,7 @@ class SegmentationDataset:
         return False
 
     def load_image(self, image_id: str) -> np.ndarray:
-        return artifacts.load_rgb(self.image_path(image_id))
+        return self.read_image(self.image_path(image_id))
 
     def load_mask(self, image_id: str, size_hw: tuple[int, int] | None = None) -> np.ndarray:
         """The ground-truth label ids of an image, checked: ids 0..C or 255, and (when given)
@@ -156,9 +159,9 @@ class SegmentationDataset:
 
 def read_list_file(path: Path) -> list[str]:
     """A split list: one id per line (extra columns ignored, e.g. 'id label' lists)."""
-    ids = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            ids.append(Path(line.split()[0]).stem)
-    return ids
+    return [read_list_line(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_list_line(line: str) -> str:
+    """The image id of one non-empty line of a split list."""
+    return Path(line.split()[0]).stem

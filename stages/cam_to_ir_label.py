@@ -49,8 +49,9 @@ def confident_labels(image, cams, keys, fg_thres: float, bg_thres: float, crf: d
     return combine_confident(fg_conf, bg_conf)
 
 
-def _one_image(image_path: str, cam_file: str, out_path: str, fg_thres: float, bg_thres: float, crf: dict) -> int:
-    image = artifacts.load_rgb(image_path)
+def _one_image(read_image, image_path: str, cam_file: str, out_path: str, fg_thres: float, bg_thres: float,
+               crf: dict) -> int:
+    image = read_image(image_path)      # as the data set reads it (e.g. upright by EXIF), like the CAMs
     cam = read_cam(cam_file)
     label = confident_labels(image, cam["high_res"], cam["keys"], fg_thres, bg_thres, crf)
     artifacts.save_label_png(out_path, label)
@@ -62,7 +63,7 @@ def run(ctx) -> dict:
     ids = dataset.ids(ctx.data.infer_split)
     todo = ctx.todo(ids, ir_labels)
     params = {"gt_prob": section.gt_prob, **crf_arguments(section.crf)}
-    jobs = [(str(dataset.image_path(i)), str(cams.path(i)), str(ir_labels.path(i)),
+    jobs = [(dataset.read_image, str(dataset.image_path(i)), str(cams.path(i)), str(ir_labels.path(i)),
              section.conf_fg_thres, section.conf_bg_thres, params) for i in todo]
     log.info("cam_to_ir_label: %d images (%d to compute on this rank)", len(ids), len(todo))
     unsure = parallel_map(_one_image, jobs, section.num_workers, "cam_to_ir_label", enabled=ctx.runtime.is_main)

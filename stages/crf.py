@@ -52,10 +52,10 @@ def upsampled_probs(logit: np.ndarray, size_hw) -> np.ndarray:
     return (probs / probs.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
-def _one_image(image_path: str, logit_file: str, out_path: str, params: dict) -> None:
+def _one_image(read_image, image_path: str, logit_file: str, out_path: str, params: dict) -> None:
     from net.crf import dense_crf
 
-    image = artifacts.load_rgb(image_path)
+    image = read_image(image_path)      # as the data set reads it (e.g. upright by EXIF), like the logits
     logit, size = read_logits(logit_file)
     if size != image.shape[:2]:
         raise PipelineError(f"{logit_file} was made for a {size} image, {image_path} is {image.shape[:2]}")
@@ -74,8 +74,8 @@ def run(ctx) -> dict:
         raise PipelineError(f"{ctx.name}: logits missing for {len(missing)} image(s), e.g. {logits.path(missing[0])}"
                             f" (re-run {test_stage}; for test_deeplab set test_deeplab.save_logits: true)")
     todo = ctx.todo(ids, crf_labels)
-    jobs = [(str(dataset.image_path(i)), str(logits.path(i)), str(crf_labels.path(i)), crf_arguments(section))
-            for i in todo]
+    jobs = [(dataset.read_image, str(dataset.image_path(i)), str(logits.path(i)), str(crf_labels.path(i)),
+             crf_arguments(section)) for i in todo]
     log.info("%s: %d images of '%s' (%d to compute on this rank)", ctx.name, len(ids), split, len(todo))
     parallel_map(_one_image, jobs, section.num_workers, ctx.name, enabled=runtime.is_main)
     runtime.barrier()
