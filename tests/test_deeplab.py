@@ -11,6 +11,7 @@ from torch import nn
 
 from deeplab.model import MSC, DeepLabV2, load_deeplab_checkpoint
 from deeplab.train_utils import msc_loss, param_groups, random_scale_crop, resize_labels
+from pipeline.errors import PipelineError
 from pipeline.trainer import Schedule, set_lr
 
 
@@ -20,7 +21,7 @@ def poly_lr(base, step, max_steps, power=0.9):
 
 def set_poly_lr(optimizer, base, step, max_steps, power=0.9):
     return set_lr(optimizer, base, Schedule("poly", power=power).factor(step, max_steps))
-from pipeline.errors import PipelineError
+
 
 NUM_CLASSES = 5
 

@@ -231,3 +231,5 @@ def test_stages_on_a_tiny_voc_folder(tiny_voc, monkeypatch):
     assert not evaluate.dataset.has_instance_masks("train")
     with pytest.raises(PipelineError, match=f"SegmentationObject/{IDS[1]}.png"):
         evaluate.dataset.load_instance_mask(IDS[1])
+    with pytest.raises(PipelineError, match=f"SegmentationObject/{IDS[1]}.png"):
+        eval_ins_seg.run(context("eval_ins_seg", EvalInsSegConfig(enabled=True)))   # run alone, past the preflight
