@@ -47,11 +47,22 @@ def model_kinds() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def build_model(kind: str, args: dict) -> torch.nn.Module:
+def builder_of(kind: str) -> Callable[..., torch.nn.Module]:
     _builtins_loaded()
     if kind not in _BUILDERS:
         raise PipelineError(f"unknown model kind {kind!r} (kinds: {', '.join(sorted(_BUILDERS))})")
-    return _BUILDERS[kind](**args)
+    return _BUILDERS[kind]
+
+
+def single_stage_kinds() -> tuple[str, ...]:
+    """The kinds that are single-stage networks (their class sets `single_stage = True`): what
+    train_net writes and make_cam / make_sem_seg / test_seg_head read."""
+    _builtins_loaded()
+    return tuple(sorted(k for k, b in _BUILDERS.items() if getattr(b, "single_stage", False)))
+
+
+def build_model(kind: str, args: dict) -> torch.nn.Module:
+    return builder_of(kind)(**args)
 
 
 def save_model(path: Path, model: torch.nn.Module, kind: str, args: dict, **extra) -> None:
@@ -60,19 +71,21 @@ def save_model(path: Path, model: torch.nn.Module, kind: str, args: dict, **extr
     artifacts.save_torch(path, {"kind": kind, "model_args": dict(args), "state_dict": module.state_dict(), **extra})
 
 
-def read_model_file(path: Path, device="cpu", expect: str | None = None) -> dict:
+def read_model_file(path: Path, device="cpu", expect: str | tuple[str, ...] | None = None) -> dict:
     """The weights file as a dict, checked to be one of ours (and of kind `expect`)."""
     state = artifacts.load_torch(path, map_location=device)
     if not isinstance(state, dict) or not {"kind", "model_args", "state_dict"} <= set(state):
         raise PipelineError(f"{path} is not a weights file written by this version of the toolkit "
                             "(no kind/model_args/state_dict); re-run the stage that writes it")
-    if expect is not None and state["kind"] != expect:
-        raise PipelineError(f"{path} holds a {state['kind']!r} model where a {expect!r} model is expected: "
+    kinds = (expect,) if isinstance(expect, str) else expect
+    if kinds is not None and state["kind"] not in kinds:
+        wanted = " or ".join(repr(k) for k in kinds)
+        raise PipelineError(f"{path} holds a {state['kind']!r} model where a {wanted} model is expected: "
                             "a file copied from another stage? Re-run the stage that writes it")
     return state
 
 
-def load_model(path: Path, device="cpu", expect: str | None = None) -> torch.nn.Module:
+def load_model(path: Path, device="cpu", expect: str | tuple[str, ...] | None = None) -> torch.nn.Module:
     """Rebuild the model stored at `path` in eval mode on `device`."""
     state = read_model_file(path, device, expect)
     model = build_model(state["kind"], {**state["model_args"], "pretrained": False})

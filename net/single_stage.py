@@ -33,6 +33,8 @@ class SingleStageOutput(NamedTuple):
 
 @register_model("single_stage_vit")
 class SingleStageNet(nn.Module):
+    single_stage = True     # a network that train_net trains (net/registry.single_stage_kinds)
+
     def __init__(self, backbone: str = "vit_base_patch16_224.orig_in21k_ft_in1k", num_classes: int = 20,
                  pretrained: bool | str = False, aux_layer: int = -3, pos_embed_trainable: bool = False,
                  seg_hidden: int = 512, seg_dilation: int = 5, projection: dict | None = None, **model_kwargs):
@@ -56,6 +58,11 @@ class SingleStageNet(nn.Module):
         aux_logits, aux_cams = self.aux_classifier(features.aux)
         return SingleStageOutput(logits, aux_logits, cams, aux_cams, self.seg_head(features.patch),
                                  features.patch, features.cls_token)
+
+    @property
+    def patch_size(self) -> int:
+        """Input pixels per token (the stride of the CAM grid)."""
+        return self.backbone.patch_size
 
     def cam_pair(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(raw CAMs, raw aux CAMs) at the token grid: the multi-scale engine's `cam_fn`."""

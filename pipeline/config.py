@@ -340,6 +340,11 @@ class SingleStageLosses:
     ctc: LossTerm = checked(LossTerm(0.5))
     seg: LossTerm = checked(LossTerm(0.1, start=2001))
     reg: LossTerm = checked(LossTerm(0.05, start=2001))
+    # the other single-stage methods' terms (engine/terms.py registers each); off in ToCo
+    scd: LossTerm = checked(LossTerm(0.0))          # TSD-CAM / TSCD: CAM-similarity self-distillation
+    dino_cls: LossTerm = checked(LossTerm(0.0))     # FSR: class-token self-distillation
+    dino_patch: LossTerm = checked(LossTerm(0.0))   # FSR: masked patch-token self-distillation
+    aff: LossTerm = checked(LossTerm(0.0))          # AFA / TSCD: affinity from attention
 
 
 @dataclass
@@ -381,9 +386,25 @@ class RegConfig:
 
 
 @dataclass
+class FsrConfig:
+    """FSR's parts (methods/fsr.md): EMA teacher, uncertainty-guided masking, DINO losses."""
+
+
+@dataclass
+class ScdConfig:
+    """The CAM-similarity self-distillation of TSD-CAM / TSCD (methods/tsd-cam.md, tscd.md)."""
+
+
+@dataclass
+class AffConfig:
+    """The affinity-from-attention head and loss of AFA / TSCD (methods/afa.md, tscd.md)."""
+
+
+@dataclass
 class TrainNetConfig:
-    """The single-stage network (ToCo's engine): one ViT trained end to end."""
+    """The single-stage network (ToCo's engine): one network trained end to end."""
     enabled: bool = True
+    model: str = "single_stage_vit"      # a registered model kind (net/registry.py): the method's network
     backbone: str = "vit_base_patch16_224.orig_in21k_ft_in1k"
     pretrained: Union[bool, str] = True
     aux_layer: int = -3                  # ToCo: block 10 of 12
@@ -403,6 +424,9 @@ class TrainNetConfig:
     ptc: PtcConfig = checked(PtcConfig())
     ctc: CtcConfig = checked(CtcConfig())
     reg: RegConfig = checked(RegConfig())
+    fsr: FsrConfig = checked(FsrConfig())
+    scd: ScdConfig = checked(ScdConfig())
+    aff: AffConfig = checked(AffConfig())
     optimizer: OptimizerConfig = checked(OptimizerConfig(kind="adamw", lr=6e-5, weight_decay=0.01,
                                                          schedule="warmup_poly", warmup_steps=1500))
     head_lr_mult: float = checked(10.0, POSITIVE)

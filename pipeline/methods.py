@@ -100,3 +100,15 @@ TOCO = register_method(Method("toco", (
     StageSpec("test_deeplab", ("train_deeplab",), ("logits", "prediction", "metrics"), (VAL,), per_image=True),
     StageSpec("crf", ("test_deeplab",), ("crf_label", "metrics"), (VAL,), per_image=True),
 ), about="ToCo: token contrast ViT trained end to end; its segmentation head gives the published numbers"))
+
+
+# ----------------------------------------------------------------------------- the other single-stage methods
+# The same stages as ToCo; each differs in `train_net` (its model kind, loss terms, refiner
+# preset), set by its configs (configs/<method>_voc12.yaml).
+
+for _name, _about in (
+        ("fsr", "FSR: ToCo's engine with an EMA teacher, uncertainty-guided masking and DINO-style losses"),
+        ("tsdcam", "TSD-CAM: ToCo's engine with the VARM refiner and CAM-similarity self-distillation"),
+        ("tscd", "TSCD: a SegFormer (MiT) encoder with VARM, self correspondence distillation and attention affinity"),
+        ("afa", "AFA: a SegFormer (MiT) encoder whose attention affinity propagates the pseudo labels")):
+    register_method(Method(_name, TOCO.stages, about=_about))

@@ -140,13 +140,16 @@ class Trainer:
 
     One step = `accumulation` batches then one optimiser step. `checkpoint_every` steps (and at
     the end) the full state goes to the stage's checkpoint; `on_epoch_end(epoch, model)` may
-    return extra figures for the epoch's log record (train_cam's validation loss).
+    return extra figures for the epoch's log record (train_cam's validation loss);
+    `after_step(steps_done, model)` runs after every optimiser step (EMA teachers, which are
+    submodules of the model and so checkpointed with it).
     """
 
     def __init__(self, ctx, model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
                  losses: LossFn, max_steps: int, base_lr: float, schedule: Schedule, lr_key: str,
                  accumulation: int = 1, amp: bool = False, checkpoint_every: int | None = None,
-                 log_every: int | None = None, on_epoch_end: Callable[[int, torch.nn.Module], dict] | None = None):
+                 log_every: int | None = None, on_epoch_end: Callable[[int, torch.nn.Module], dict] | None = None,
+                 after_step: Callable[[int, torch.nn.Module], None] | None = None):
         if max_steps <= 0:
             raise PipelineError(f"{ctx.name}: nothing to train ({max_steps} steps); check the schedule keys")
         self.ctx, self.runtime = ctx, ctx.runtime
@@ -156,7 +159,7 @@ class Trainer:
         self.steps_per_epoch = max(1, len(loader) // accumulation)
         self.checkpoint_every = checkpoint_every or self.steps_per_epoch
         self.log_every = log_every or self.steps_per_epoch
-        self.on_epoch_end = on_epoch_end
+        self.on_epoch_end, self.after_step = on_epoch_end, after_step
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and self.runtime.device.type == "cuda")
         self.history: list[dict] = []
         self.step = 0
@@ -226,6 +229,8 @@ class Trainer:
                 seen += int(batch[0].shape[0])
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.after_step is not None:
+                self.after_step(step + 1, unwrap(self.model))
             self.running["_steps"] = self.running.get("_steps", 0.0) + 1
             self.step = done = step + 1
             epoch_end = done % self.steps_per_epoch == 0

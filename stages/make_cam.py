@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from net.registry import load_model, read_model_file
+from net.registry import load_model, read_model_file, single_stage_kinds
 from pipeline.runtime import progress
 from pipeline.transforms import normalize, resize, scaled_size, to_tensor
 
@@ -94,7 +94,7 @@ def single_stage_cams(model, image: np.ndarray, keys: np.ndarray, scales, mean, 
 def run_single_stage(ctx, ids, todo, eval_ids) -> None:
     section, data = ctx.section, ctx.data
     dataset, cams = ctx.dataset, ctx.artifacts.cam
-    model = load_model(ctx.artifacts.weights.path("net"), ctx.device, expect="single_stage_vit") if todo else None
+    model = load_model(ctx.artifacts.weights.path("net"), ctx.device, expect=single_stage_kinds()) if todo else None
     chosen = "net" if section.cam_source == "net" else "aux"
     for image_id in progress(todo, "make_cam", enabled=ctx.runtime.is_main):
         image, keys = dataset.load_image(image_id), dataset.class_labels(image_id)
@@ -147,7 +147,7 @@ def _summary(cams, ids, todo) -> dict:
 
 def check(ctx) -> None:
     if ctx.section.cam_source in SINGLE_STAGE_SOURCES:
-        read_model_file(ctx.artifacts.weights.path("net"), "cpu", expect="single_stage_vit")
+        read_model_file(ctx.artifacts.weights.path("net"), "cpu", expect=single_stage_kinds())
         return
     for branch, kind in BRANCH_KINDS.items():
         read_model_file(ctx.artifacts.weights.path(f"cam_{branch}"), "cpu", expect=kind)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from net.irn import boundary_and_displacement, check_same_grid
-from net.registry import load_model, read_model_file
+from net.registry import load_model, read_model_file, single_stage_kinds
 from pipeline.runtime import progress
 from pipeline.transforms import normalize
 
@@ -82,7 +82,7 @@ def run(ctx) -> dict:
     todo = ctx.todo(ids, pseudo_labels)
     log.info("make_sem_seg: %d images (%d to compute on this rank), source %s", len(ids), len(todo), section.source)
     if section.source == "seg_head":
-        model = load_model(ctx.artifacts.weights.path("net"), ctx.device, expect="single_stage_vit") if todo else None
+        model = load_model(ctx.artifacts.weights.path("net"), ctx.device, expect=single_stage_kinds()) if todo else None
         for image_id in progress(todo, "make_sem_seg", enabled=runtime.is_main):
             image = dataset.load_image(image_id)
             pseudo_labels.write(image_id, seg_head_labels(model, image, dataset.class_labels(image_id),
@@ -126,4 +126,4 @@ def check(ctx) -> None:
     if ctx.section.source == "irn_random_walk":
         read_model_file(ctx.artifacts.weights.path("irn"), "cpu", expect="irn")
     elif ctx.section.source == "seg_head":
-        read_model_file(ctx.artifacts.weights.path("net"), "cpu", expect="single_stage_vit")
+        read_model_file(ctx.artifacts.weights.path("net"), "cpu", expect=single_stage_kinds())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from net.registry import load_model, read_model_file
+from net.registry import load_model, read_model_file, single_stage_kinds
 from net.single_stage import segment_image
 from pipeline.metrics import score_split
 from pipeline.runtime import progress
@@ -34,7 +34,7 @@ def run(ctx) -> dict:
     todo = sorted(set(ctx.todo(ids, predictions)) | set(ctx.todo(ids, logits)))
     log.info("test_seg_head: %d images of '%s' (%d to compute on this rank), scales %s", len(ids), split,
              len(todo), section.scales)
-    model = load_model(ctx.artifacts.weights.path("net"), ctx.device, expect="single_stage_vit") if todo else None
+    model = load_model(ctx.artifacts.weights.path("net"), ctx.device, expect=single_stage_kinds()) if todo else None
     for image_id in progress(todo, "test_seg_head", enabled=runtime.is_main):
         image = dataset.load_image(image_id)
         small, label = segment_image(model, image, section, data.mean, data.std, ctx.device)
@@ -45,4 +45,4 @@ def run(ctx) -> dict:
 
 
 def check(ctx) -> None:
-    read_model_file(ctx.artifacts.weights.path("net"), "cpu", expect="single_stage_vit")
+    read_model_file(ctx.artifacts.weights.path("net"), "cpu", expect=single_stage_kinds())

@@ -1,0 +1,138 @@
+"""The loss terms of the single-stage engine, by registry: one function per name in
+`train_net.losses`, given the iteration's shared `Step` and returning a scalar tensor.
+
+    @register_term("scd")
+    def scd(step: Step) -> Tensor:
+        cams = step.cams()               # multi-scale + flip CAMs of the batch, computed once
+        ...
+
+The driver (stages/train_net.py) runs one forward of the network (`step.out`), then each term
+that is on at this iteration (weight > 0, inside [start, end)); a term that is off costs
+nothing, and the parts several terms share (online CAMs, refined pseudo labels, upsampled
+segmentation logits) are computed on the first request and kept for the others. A method's own
+terms live in its own module, listed in `TERM_MODULES` so that importing this module registers
+them all.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.errors import PipelineError
+
+TermFn = Callable[["Step"], Tensor]
+_TERMS: dict[str, TermFn] = {}
+# modules whose import registers more terms (the other methods' parts)
+TERM_MODULES: tuple[str, ...] = ()
+
+
+def register_term(name: str):
+    def decorator(fn: TermFn) -> TermFn:
+        if name in _TERMS and _TERMS[name] is not fn:
+            raise ValueError(f"loss term {name!r} is registered twice")
+        _TERMS[name] = fn
+        return fn
+    return decorator
+
+
+def get_term(name: str) -> TermFn:
+    for module in TERM_MODULES:
+        importlib.import_module(module)
+    if name not in _TERMS:
+        raise PipelineError(f"train_net.losses.{name}: no such loss term in this version of the toolkit "
+                            f"(terms: {', '.join(sorted(_TERMS))})")
+    return _TERMS[name]
+
+
+def term_on(term, step: int) -> bool:
+    """A loss term is computed only inside its [start, end) iterations and with a weight."""
+    return term.weight > 0 and step >= term.start and (term.end == 0 or step < term.end)
+
+
+class Step:
+    """One iteration as the loss terms see it.
+
+    model      the network as trained (DDP-wrapped under torchrun): forward with gradient
+    net        the same network unwrapped (its heads, teachers and helpers)
+    images, targets, boxes   the batch: normalised crops, multi-hot labels, valid boxes (x0, y0, x1, y1)
+    out        the network's output on `images` (one forward, with gradient)
+    iteration  the iteration index; section, data: the config's train_net and data blocks
+    engine     the loss driver: its refiner and anything a term keeps between iterations
+    """
+
+    def __init__(self, model, net, images: Tensor, targets: Tensor, boxes: Tensor, out: Any, iteration: int,
+                 section, data, engine):
+        self.model, self.net, self.images, self.targets, self.boxes = model, net, images, targets, boxes
+        self.out, self.iteration, self.section, self.data, self.engine = out, iteration, section, data, engine
+        self._cache: dict[str, Any] = {}
+
+    def _once(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def cams(self) -> Tensor:
+        """Multi-scale + flip CAMs of the batch in [0, 1] at the input size (no gradient)."""
+        return self._online()[0]
+
+    def aux_cams(self) -> Tensor:
+        return self._online()[1]
+
+    def _online(self) -> tuple[Tensor, Tensor]:
+        return self._once("cams", lambda: self.engine.online_cams(self.net, self.images))
+
+    def pseudo_labels(self) -> Tensor:
+        """The refined two-threshold pseudo labels (B, H, W): 0 background, 1..C, 255 ignore."""
+        return self._once("labels", lambda: self.engine.pseudo_labels(self.images, self.cams(), self.targets,
+                                                                      self.boxes))
+
+    def seg_logits(self) -> Tensor:
+        """The segmentation logits upsampled to the input size (with gradient)."""
+        return self._once("seg", lambda: F.interpolate(self.out.seg.float(), size=self.images.shape[-2:],
+                                                       mode="bilinear", align_corners=False))
+
+
+# ----------------------------------------------------------------------------- ToCo's terms
+
+
+@register_term("cls")
+def cls_term(step: Step) -> Tensor:
+    return F.multilabel_soft_margin_loss(step.out.logits.float(), step.targets)
+
+
+@register_term("cls_aux")
+def cls_aux_term(step: Step) -> Tensor:
+    return F.multilabel_soft_margin_loss(step.out.aux_logits.float(), step.targets)
+
+
+@register_term("ptc")
+def ptc_term(step: Step) -> Tensor:
+    from engine.losses import ptc_loss
+    from engine.pseudo import token_labels
+
+    t = step.section.thresholds
+    grid = tuple(step.out.patch.shape[-2:])
+    labels = token_labels(step.aux_cams(), step.targets, grid, t.high, t.low, t.bkg, step.boxes,
+                          step.net.patch_size, box_in_pixels=step.section.ptc.box_in_pixels)
+    return ptc_loss(step.out.patch.float(), labels)
+
+
+@register_term("seg")
+def seg_term(step: Step) -> Tensor:
+    from engine.losses import balanced_seg_ce
+
+    return balanced_seg_ce(step.seg_logits(), step.pseudo_labels())
+
+
+@register_term("reg")
+def reg_term(step: Step) -> Tensor:
+    from engine.regulariser import dense_energy_loss
+
+    r = step.section.reg
+    return dense_energy_loss(step.images, torch.softmax(step.seg_logits(), dim=1), step.pseudo_labels(),
+                             step.boxes, step.data.mean, step.data.std, sigma_rgb=r.sigma_rgb, sigma_xy=r.sigma_xy,
+                             scale=r.scale, weight=r.inner_weight, max_pixels=r.max_pixels)
