@@ -1,9 +1,11 @@
 """Losses of the single-stage methods (methods/toco.md §2): the balanced segmentation
-cross-entropy and patch token contrast (PTC).
+cross-entropy, patch token contrast (PTC) and class token contrast (CTC).
 
 Labels are class ids (0 background, 1..C) with 255 = ignore, as engine/pseudo.py makes them.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -47,3 +49,50 @@ def ptc_loss(tokens: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
     pos = (similarity * positive).sum() / (positive.sum() + 1)
     neg = (similarity * negative).sum() / (negative.sum() + 1)
     return 0.5 * (1 - pos) + 0.5 * neg
+
+
+def ctc_loss(student: Tensor, teacher: Tensor, flags: Tensor, temperature: float = 0.5,
+             extra_negative_term: bool = True) -> Tensor:
+    """Class token contrast between teacher global views and student views.
+
+    student (B, V, D): projection-head outputs of all V views of each image (ToCo: 2
+    global views first, then 8 local crops). teacher (B, G, D): the EMA head's outputs
+    of the G global views (stop-gradient). flags (B, V) in {0, 1}: 1 = positive view
+    (the globals always; a local crop that is mostly foreground/uncertain), 0 =
+    negative (a background crop).
+
+    The reference lays views out view-major along the batch (`x.reshape(V, B, D)`);
+    `x.reshape(V, B, D).transpose(0, 1)` gives this function's layout.
+
+    With z_aj = t_a·s_j / τ (plain dot products; the head outputs are not
+    re-normalised), S_a = Σ_{n negative} exp(z_an), and for image i:
+        L_i = Σ_a Σ_{j positive} −log(e^{z_aj} / (e^{z_aj} + S_a + 1e-4))  [+ Σ_a log(1 + S_a + 1e-4)]
+              / (G · (#positives + 1e-4))
+    and L = mean_i L_i. The bracketed term is what the reference's `for … else` adds
+    once per image (toco.md §2.4, §11: 1.579 vs 1.301 on a test batch); it is on by
+    default because the published numbers include it.
+
+    Computed in log space (logsumexp) so large dot products never overflow; the value
+    is the reference's formula exactly, the 1e-4s included.
+    """
+    if student.dim() != 3 or teacher.dim() != 3 or flags.shape != student.shape[:2]:
+        raise ValueError(f"expected student (B, V, D), teacher (B, G, D), flags (B, V); got "
+                         f"{tuple(student.shape)}, {tuple(teacher.shape)}, {tuple(flags.shape)}")
+    num_teacher = teacher.shape[1]
+    logits = torch.matmul(teacher, student.transpose(1, 2)) / temperature  # (B, G, V)
+    positive = flags.bool()[:, None, :].expand_as(logits)
+
+    def log_sum_with(constant: float) -> Tensor:
+        """log(constant + Σ_negatives exp(z)) per (image, teacher view)."""
+        negatives = logits.masked_fill(positive, float("-inf"))
+        constant_column = torch.full_like(logits[..., :1], math.log(constant))
+        return torch.logsumexp(torch.cat([negatives, constant_column], dim=-1), dim=-1)  # (B, G)
+
+    log_denominator_rest = log_sum_with(1e-4)  # log(S_a + 1e-4)
+    # −log(e^z / (e^z + S + 1e-4)) = log(e^z + (S + 1e-4)) − z
+    positive_terms = torch.logaddexp(logits, log_denominator_rest[..., None]) - logits
+    per_image = (positive_terms * positive).sum(dim=(1, 2))
+    if extra_negative_term:
+        per_image = per_image + log_sum_with(1.0 + 1e-4).sum(dim=1)
+    num_positive = flags.to(logits.dtype).sum(dim=1)
+    return (per_image / num_teacher / (num_positive + 1e-4)).mean()

@@ -25,27 +25,34 @@ from torch import Tensor
 from pipeline.errors import PipelineError
 
 TermFn = Callable[["Step"], Tensor]
+PrepareFn = Callable[["Step"], dict]
 _TERMS: dict[str, TermFn] = {}
+_PREPARE: dict[str, PrepareFn] = {}
 # modules whose import registers more terms (the other methods' parts)
 TERM_MODULES: tuple[str, ...] = ()
 
 
-def register_term(name: str):
+def register_term(name: str, prepare: PrepareFn | None = None):
+    """`prepare(step)`, when given, runs before the forward and returns keyword arguments for
+    it (extra views whose outputs the term needs: inside the forward, DDP sees them)."""
     def decorator(fn: TermFn) -> TermFn:
         if name in _TERMS and _TERMS[name] is not fn:
             raise ValueError(f"loss term {name!r} is registered twice")
         _TERMS[name] = fn
+        if prepare is not None:
+            _PREPARE[name] = prepare
         return fn
     return decorator
 
 
-def get_term(name: str) -> TermFn:
+def get_term(name: str) -> tuple[TermFn, PrepareFn | None]:
+    """(term, its prepare or None)."""
     for module in TERM_MODULES:
         importlib.import_module(module)
     if name not in _TERMS:
         raise PipelineError(f"train_net.losses.{name}: no such loss term in this version of the toolkit "
                             f"(terms: {', '.join(sorted(_TERMS))})")
-    return _TERMS[name]
+    return _TERMS[name], _PREPARE.get(name)
 
 
 def term_on(term, step: int) -> bool:
@@ -56,6 +63,7 @@ def term_on(term, step: int) -> bool:
 class Step:
     """One iteration as the loss terms see it.
 
+    batch      the loader's batch as it came (extra views after the first four entries)
     model      the network as trained (DDP-wrapped under torchrun): forward with gradient
     net        the same network unwrapped (its heads, teachers and helpers)
     images, targets, boxes   the batch: normalised crops, multi-hot labels, valid boxes (x0, y0, x1, y1)
@@ -65,10 +73,19 @@ class Step:
     """
 
     def __init__(self, model, net, images: Tensor, targets: Tensor, boxes: Tensor, out: Any, iteration: int,
-                 section, data, engine):
+                 section, data, engine, batch: tuple = ()):
         self.model, self.net, self.images, self.targets, self.boxes = model, net, images, targets, boxes
+        self.batch = batch
         self.out, self.iteration, self.section, self.data, self.engine = out, iteration, section, data, engine
         self._cache: dict[str, Any] = {}
+
+    def keep(self, key: str, value: Any) -> Any:
+        """Something a term's prepare hands to the term (e.g. CTC's crop flags)."""
+        self._cache[key] = value
+        return value
+
+    def kept(self, key: str) -> Any:
+        return self._cache[key]
 
     def _once(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._cache:
@@ -136,3 +153,38 @@ def reg_term(step: Step) -> Tensor:
     return dense_energy_loss(step.images, torch.softmax(step.seg_logits(), dim=1), step.pseudo_labels(),
                              step.boxes, step.data.mean, step.data.std, sigma_rgb=r.sigma_rgb, sigma_xy=r.sigma_xy,
                              scale=r.scale, weight=r.inner_weight, max_pixels=r.max_pixels)
+
+
+def ctc_prepare(step: Step) -> dict:
+    """CTC's views (toco.md §2.4): global view 2 and the local crops, cut from the local-source
+    image around pixels the aux CAMs do not call confident foreground."""
+    from engine.crops import local_roi, select_local_crops
+
+    if len(step.batch) < 7:
+        raise PipelineError("train_net.losses.ctc: the batch carries no contrast views (a data set built "
+                            "without views=True)")
+    device = step.images.device
+    second, source, mirrored = (x.to(device) for x in step.batch[4:7])
+    c, t = step.section.ctc, step.section.thresholds
+    roi = local_roi(step.aux_cams(), step.targets, low=t.low, high=t.high)
+    crops = select_local_crops(source, roi, num_crops=c.local_crops, crop_size=c.local_size,
+                               negative_ratio=c.negative_ratio, num_global=2, relative_flip=mirrored,
+                               local_view_independent_flip=c.independent_flip)
+    step.keep("ctc_flags", crops.flags)
+    views = [second]
+    if c.local_crops:
+        views.append(crops.crops.reshape(-1, *crops.crops.shape[2:]))
+    return {"views": views}
+
+
+@register_term("ctc", prepare=ctc_prepare)
+def ctc_term(step: Step) -> Tensor:
+    """Student: the projection head on every view's class token; teacher: the EMA head (updated
+    first, momentum `ctc.ema`) on the stop-gradient class tokens of the two global views."""
+    from engine.losses import ctc_loss
+
+    c, net = step.section.ctc, step.net
+    net.teacher_projection.update(net.projection)
+    teacher = net.teacher_projection(step.out.view_cls[:, :2].detach().float())
+    return ctc_loss(step.out.projected.float(), teacher, step.kept("ctc_flags").float(),
+                    temperature=c.temperature, extra_negative_term=c.extra_negative_term)

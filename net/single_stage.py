@@ -29,6 +29,8 @@ class SingleStageOutput(NamedTuple):
     seg: Tensor             # (B, C + 1, h, w) segmentation logits at the token grid
     patch: Tensor           # (B, D, h, w) final patch tokens (after the last norm)
     cls_token: Tensor       # (B, D)
+    view_cls: Tensor | None = None    # (B, V, D) class tokens of the input and the extra views (CTC)
+    projected: Tensor | None = None   # (B, V, P) the projection head on them
 
 
 @register_model("single_stage_vit")
@@ -37,7 +39,8 @@ class SingleStageNet(nn.Module):
 
     def __init__(self, backbone: str = "vit_base_patch16_224.orig_in21k_ft_in1k", num_classes: int = 20,
                  pretrained: bool | str = False, aux_layer: int = -3, pos_embed_trainable: bool = False,
-                 seg_hidden: int = 512, seg_dilation: int = 5, projection: dict | None = None, **model_kwargs):
+                 seg_hidden: int = 512, seg_dilation: int = 5, projection: dict | None = None,
+                 projection_momentum: float = 0.9, **model_kwargs):
         super().__init__()
         self.backbone = ViTBackbone(backbone, pretrained, aux_layer=aux_layer,
                                     pos_embed_trainable=pos_embed_trainable, **model_kwargs)
@@ -45,19 +48,35 @@ class SingleStageNet(nn.Module):
         self.classifier = CamHead(dim, num_classes, pool="gmp")
         self.aux_classifier = CamHead(dim, num_classes, pool="gmp")
         self.seg_head = LargeFOVHead(dim, num_classes + 1, hidden_channels=seg_hidden, dilation=seg_dilation)
-        self.projection = None
+        self.projection = self.teacher_projection = None
         if projection:
+            from engine.ema import EMA
             from net.proj_head import ProjectionHead
 
             self.projection = ProjectionHead(dim, **projection)
+            # ToCo's teacher: the same encoder with stop-gradient and an EMA copy of this head
+            self.teacher_projection = EMA(self.projection, projection_momentum)
         self.num_classes = num_classes
 
-    def forward(self, images: Tensor) -> SingleStageOutput:
+    def forward(self, images: Tensor, views: list[Tensor] | None = None) -> SingleStageOutput:
+        """`views`: more inputs (each (B, 3, h, w), any size) whose class tokens go, after the
+        input's own, through the projection head: `projected` (B, 1 + Σ views per image, P),
+        view-major within each image (CTC's student). Inside forward, so that DDP sees them."""
         features = self.backbone(images)
         logits, cams = self.classifier(features.patch)
         aux_logits, aux_cams = self.aux_classifier(features.aux)
+        view_cls = projected = None
+        if views:
+            if self.projection is None:
+                raise ValueError("views given to a network built without a projection head")
+            view_cls = torch.cat([features.cls_token[:, None]] + [self.view_tokens(v, len(images)) for v in views], 1)
+            projected = self.projection(view_cls)
         return SingleStageOutput(logits, aux_logits, cams, aux_cams, self.seg_head(features.patch),
-                                 features.patch, features.cls_token)
+                                 features.patch, features.cls_token, view_cls, projected)
+
+    def view_tokens(self, view: Tensor, batch: int) -> Tensor:
+        """Class tokens (B, n, D) of a view batch laid out image-major (B * n, 3, h, w)."""
+        return self.backbone(view).cls_token.reshape(batch, -1, self.backbone.embed_dim)
 
     @property
     def patch_size(self) -> int:

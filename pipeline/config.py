@@ -370,7 +370,8 @@ class CtcConfig:
     negative_ratio: float = checked(0.2, NON_NEGATIVE)
     extra_negative_term: bool = True     # the reference's for-else term; the published numbers include it
     independent_flip: bool = True        # the reference flips the local view independently of the input
-    projection: dict[str, Any] = checked({"hidden": 2048, "bottleneck": 256, "out": 1024})
+    # the projection head (net/proj_head.py): in_dim -> hidden_dim (x num_layers - 1) -> bottleneck_dim -> out_dim
+    projection: dict[str, Any] = checked({"hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 1024, "num_layers": 3})
 
 
 @dataclass

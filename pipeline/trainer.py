@@ -118,14 +118,15 @@ def check_finite(loss: torch.Tensor, stage: str, step: int, lr_key: str) -> None
                             f"Lower {lr_key} (or switch amp off) and re-run the stage.")
 
 
-def wrap_ddp(model: torch.nn.Module, runtime) -> torch.nn.Module:
-    """DistributedDataParallel under torchrun; the model itself otherwise."""
+def wrap_ddp(model: torch.nn.Module, runtime, find_unused: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel under torchrun; the model itself otherwise. `find_unused`: some
+    parameters get no gradient in some steps (a loss term that starts later)."""
     if not runtime.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -149,7 +150,7 @@ class Trainer:
                  losses: LossFn, max_steps: int, base_lr: float, schedule: Schedule, lr_key: str,
                  accumulation: int = 1, amp: bool = False, checkpoint_every: int | None = None,
                  log_every: int | None = None, on_epoch_end: Callable[[int, torch.nn.Module], dict] | None = None,
-                 after_step: Callable[[int, torch.nn.Module], None] | None = None):
+                 after_step: Callable[[int, torch.nn.Module], None] | None = None, find_unused: bool = False):
         if max_steps <= 0:
             raise PipelineError(f"{ctx.name}: nothing to train ({max_steps} steps); check the schedule keys")
         self.ctx, self.runtime = ctx, ctx.runtime
@@ -159,7 +160,7 @@ class Trainer:
         self.steps_per_epoch = max(1, len(loader) // accumulation)
         self.checkpoint_every = checkpoint_every or self.steps_per_epoch
         self.log_every = log_every or self.steps_per_epoch
-        self.on_epoch_end, self.after_step = on_epoch_end, after_step
+        self.on_epoch_end, self.after_step, self.find_unused = on_epoch_end, after_step, find_unused
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and self.runtime.device.type == "cuda")
         self.history: list[dict] = []
         self.step = 0
@@ -209,7 +210,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------
     def fit(self) -> list[dict]:
         self._resume()
-        model = wrap_ddp(self.model, self.runtime)
+        model = wrap_ddp(self.model, self.runtime, self.find_unused)
         model.train()
         stream = self._batches()
         seen, t0 = 0, time.time()

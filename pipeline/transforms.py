@@ -159,17 +159,54 @@ def _normalised_tensor(image: torch.Tensor, mean, std) -> torch.Tensor:
     return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
+def solarize(image: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Pixel values at or above `threshold` inverted (PIL's ImageOps.solarize at 128 on [0, 1])."""
+    return torch.where(image >= threshold, 1.0 - image, image)
+
+
+def random_resized_box(height: int, width: int, rng: np.random.Generator, scale=(0.4, 1.0),
+                       ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a RandomResizedCrop window: area fraction U(scale), log aspect ratio
+    U(log ratio); ten tries, then the central crop clamped to the ratio range (torchvision's rule)."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        w, h = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _as_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+
+
 class SingleStageCropDataset(Dataset):
     """Training views of the single-stage methods (toco.md §4), per image:
     random rescale of both sides by U(rescale), flip, a crop×crop crop (zero padding at a random
     offset when smaller; `box` = (top, bottom, left, right) of the image inside the crop), then
     the network input: another flip, photometric augmentation (`augment`: jitter_p, gray_p,
     blur_p), normalisation. Returns (image (3, crop, crop), multi-hot (C,), box int64 (4,), index);
-    a crop that holds no image at all is an error naming the image."""
+    a crop that holds no image at all is an error naming the image.
 
-    def __init__(self, dataset, ids, crop: int, rescale, mean, std, augment: dict, seed: int = 0):
+    With `views=True` (ToCo's class token contrast, toco.md §2.4, §4) three more follow:
+    global view 2 (a RandomResizedCrop(crop, scale 0.4-1, bicubic) of the original image, flip,
+    jitter 0.8, grayscale 0.2, blur 0.1, solarisation 0.2), the local-source image (the crop
+    above with its own flip, jitter 0.8, grayscale 0.2, blur 0.5) and whether the local source
+    is mirrored relative to the network input (bool)."""
+
+    def __init__(self, dataset, ids, crop: int, rescale, mean, std, augment: dict, seed: int = 0,
+                 views: bool = False):
         self.dataset, self.ids, self.crop, self.rescale = dataset, list(ids), crop, rescale
-        self.mean, self.std, self.augment, self.seed = mean, std, augment, seed
+        self.mean, self.std, self.augment, self.seed, self.views = mean, std, augment, seed, views
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -196,11 +233,34 @@ class SingleStageCropDataset(Dataset):
             raise PipelineError(f"{self.dataset.image_path(image_id)}: a training crop holds no image "
                                 f"(image {h}x{w} after rescaling, crop {self.crop})")
         box = np.array([top, bottom, left, right], np.int64)
-        tensor = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255.0
-        if rng.random() < 0.5:                  # the reference flips the network input once more
+        tensor = _as_tensor(crop)
+        cropped = tensor
+        input_flipped = bool(rng.random() < 0.5)      # the reference flips the network input once more
+        if input_flipped:
             tensor = tensor.flip(-1)
             box = np.array([top, bottom, self.crop - right, self.crop - left], np.int64)
         a = self.augment
         tensor = photometric(tensor, rng, a.get("jitter_p", 0.0), a.get("gray_p", 0.0), a.get("blur_p", 0.0))
-        return (_normalised_tensor(tensor, self.mean, self.std), torch.from_numpy(self.dataset.multi_hot(image_id)),
-                torch.from_numpy(box), index)
+        sample = (_normalised_tensor(tensor, self.mean, self.std), torch.from_numpy(self.dataset.multi_hot(image_id)),
+                  torch.from_numpy(box), index)
+        if not self.views:
+            return sample
+        return sample + self.contrast_views(image_id, cropped, input_flipped, rng)
+
+    def contrast_views(self, image_id: str, cropped: torch.Tensor, input_flipped: bool, rng):
+        """(global view 2, local source, local source mirrored relative to the input)."""
+        original = self.dataset.load_image(image_id)
+        top, left, h, w = random_resized_box(*original.shape[:2], rng)
+        window = resize(np.ascontiguousarray(original[top:top + h, left:left + w]), (self.crop, self.crop),
+                            interpolation="bicubic")
+        second = _as_tensor(window)
+        if rng.random() < 0.5:
+            second = second.flip(-1)
+        second = photometric(second, rng, 0.8, 0.2, 0.1)
+        if rng.random() < 0.2:
+            second = solarize(second)
+        local_flipped = bool(rng.random() < 0.5)
+        local = cropped.flip(-1) if local_flipped else cropped
+        local = photometric(local, rng, 0.8, 0.2, 0.5)
+        return (_normalised_tensor(second, self.mean, self.std), _normalised_tensor(local, self.mean, self.std),
+                torch.tensor(local_flipped != input_flipped))

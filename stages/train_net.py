@@ -32,13 +32,17 @@ log = logging.getLogger("wsss")
 
 def model_args(section, num_classes: int) -> dict:
     """The arguments of `train_net.model`: a model class may define `args_from_config(section,
-    num_classes)` for its own blocks (FSR's teacher, MiT's decoder); otherwise the ViT keys."""
+    num_classes)` for its own blocks (FSR's teacher, MiT's decoder); otherwise the ViT keys (and
+    CTC's projection head when the ctc term has a weight)."""
     builder = model_builder(section.model)
     if hasattr(builder, "args_from_config"):
         return builder.args_from_config(section, num_classes)
-    return {"backbone": section.backbone, "num_classes": num_classes, "pretrained": section.pretrained,
+    args = {"backbone": section.backbone, "num_classes": num_classes, "pretrained": section.pretrained,
             "aux_layer": section.aux_layer, "pos_embed_trainable": section.pos_embed_trainable,
-            "seg_hidden": section.seg_hidden, "seg_dilation": section.seg_dilation, **section.model_kwargs}
+            "seg_hidden": section.seg_hidden, "seg_dilation": section.seg_dilation}
+    if section.losses.ctc.weight > 0:
+        args.update(projection=dict(section.ctc.projection), projection_momentum=section.ctc.ema)
+    return {**args, **section.model_kwargs}
 
 
 def model_builder(kind: str):
@@ -62,7 +66,11 @@ class SingleStageLoss:
         self.section, self.data, self.runtime = section, data, runtime
         r = section.refiner
         self.refiner = LocalRefiner(r.preset, dilations=r.dilations, iterations=r.iterations).to(runtime.device)
-        self.terms = {name: get_term(name) for name in used_terms(section)}
+        self.terms, self.prepares = {}, {}
+        for name in used_terms(section):
+            self.terms[name], prepare = get_term(name)
+            if prepare is not None:
+                self.prepares[name] = prepare
 
     @torch.no_grad()
     def online_cams(self, net, images):
@@ -89,10 +97,14 @@ class SingleStageLoss:
         active = [name for name in self.terms if term_on(getattr(losses, name), step)]
         if not active:
             raise PipelineError(f"train_net: no loss term is on at iteration {step}; check train_net.losses")
-        state = Step(model, net, images, targets, boxes, None, step, self.section, self.data, self)
+        state = Step(model, net, images, targets, boxes, None, step, self.section, self.data, self, batch)
         if any(name in active for name in ("ptc", "seg", "reg", "ctc")):
             state.cams()         # the online CAMs come from the weights before this step's forward
-        state.out = model(images)
+        forward_args: dict = {}
+        for name in active:
+            if name in self.prepares:
+                forward_args.update(self.prepares[name](state))
+        state.out = model(images, **forward_args)
         terms = {name: self.terms[name](state) for name in active}
         total = sum(getattr(losses, name).weight * value for name, value in terms.items())
         return {"loss": total, **terms}
@@ -106,7 +118,8 @@ def run(ctx) -> dict:
     model = build_model(section.model, args).to(runtime.device)
     train_set = SingleStageCropDataset(dataset, ids, section.crop_size, section.rescale, data.mean, data.std,
                                        {"jitter_p": section.augment.jitter_p, "gray_p": section.augment.gray_p,
-                                        "blur_p": section.augment.blur_p}, seed=ctx.seed)
+                                        "blur_p": section.augment.blur_p}, seed=ctx.seed,
+                                       views=section.losses.ctc.weight > 0)
     loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed,
                          key="train_net.batch_size")
     encoder, heads = model.param_groups()
@@ -123,7 +136,7 @@ def run(ctx) -> dict:
     history = Trainer(ctx, model, loader, optimizer_from_config(opt, groups), losses, max_steps=section.iterations,
                       base_lr=opt.lr, schedule=schedule_from_config(opt), lr_key="train_net.optimizer.lr",
                       amp=section.amp, checkpoint_every=section.checkpoint_every, log_every=section.log_every,
-                      after_step=after_step).fit()
+                      after_step=after_step, find_unused=True).fit()
     if runtime.is_main:
         save_model(ctx.artifacts.weights.path("net"), model, section.model, {**args, "pretrained": False})
     return {"outputs": {"net": str(ctx.artifacts.weights.path("net")), "train_images": len(ids)},
@@ -135,5 +148,9 @@ def expected_outputs(ctx):
 
 
 def check(ctx) -> None:
-    for name in used_terms(ctx.section):
+    section = ctx.section
+    for name in used_terms(section):
         get_term(name)          # a term this version lacks is an error before anything runs
+    if section.losses.ctc.weight > 0 and section.ctc.local_crops and section.ctc.local_size >= section.crop_size:
+        raise PipelineError(f"train_net.ctc.local_size: {section.ctc.local_size}-px local crops need a larger "
+                            f"train_net.crop_size than {section.crop_size}")

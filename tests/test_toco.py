@@ -64,7 +64,9 @@ def tiny_toco(root: Path, work: Path) -> dict:
                       "pos_embed_trainable": True, "seg_hidden": 16, "iterations": 8, "batch_size": 4,
                       "crop_size": 64, "cam_scales": [1.0, 0.5], "checkpoint_every": 4, "log_every": 4,
                       "num_workers": 0, "optimizer": {"lr": 0.001, "warmup_steps": 2},
-                      "losses": {"ctc": {"weight": 0}, "seg": {"start": 4}, "reg": {"start": 4}}},
+                      "losses": {"seg": {"start": 4}, "reg": {"start": 4}},
+                      "ctc": {"local_crops": 2, "local_size": 24,
+                              "projection": {"hidden_dim": 16, "bottleneck_dim": 8, "out_dim": 16, "num_layers": 3}}},
         "make_cam": {"cam_source": "net", "scales": [1.0]},
         "make_sem_seg": {"source": "cam_refine"},
         "test_seg_head": {"scales": [1.0]},
@@ -86,7 +88,8 @@ def test_every_toco_stage_end_to_end(tmp_path):
     for stage in get_method("toco").stage_names[:7]:
         assert f"{stage:<17}done" in proc.stdout, proc.stdout
     assert "train_deeplab    disabled" in proc.stdout
-    assert "seg " in proc.stderr + proc.stdout and "reg " in proc.stderr + proc.stdout    # the later terms ran
+    log = proc.stderr + proc.stdout
+    assert "seg " in log and "reg " in log and "ctc " in log      # the later terms and CTC ran
     cam = np.load(next((result / "cam").glob("*.npz")))
     assert {"keys", "cam", "high_res", "net_high_res", "aux_high_res"} <= set(cam.files)
     eval_cam = json.loads((result / "metrics" / "eval_cam.json").read_text())
@@ -96,7 +99,43 @@ def test_every_toco_stage_end_to_end(tmp_path):
     assert len(list((result / "seg_head" / "crf").glob("*.png"))) == 4
     state = torch.load(tmp_path / "sess" / "toco" / "net.pth", weights_only=True)
     assert state["kind"] == "single_stage_vit"
-    ctc_on = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), "stage", "train_net", "--config",
-                             str(config), "--set", "train_net.losses.ctc.weight=0.5"], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
-    assert ctc_on.returncode == 2 and "train_net.losses.ctc" in ctc_on.stderr
+    assert any(k.startswith("teacher_projection.") for k in state["state_dict"])    # the EMA head is saved
+    too_big = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), "stage", "train_net", "--config",
+                              str(config), "--set", "train_net.ctc.local_size=64"], cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+    assert too_big.returncode == 2 and "train_net.ctc.local_size" in too_big.stderr
+    assert (tmp_path / "sess" / "toco" / "net.pth").exists()       # refused before anything was discarded
+
+
+def test_contrast_views_go_through_the_projection_head_in_the_flag_order():
+    """projected[b] = the head on [input, global view 2, the image's local crops in order], the
+    layout ctc_loss's flags follow (globals first)."""
+    torch.manual_seed(0)
+    net = build_model("single_stage_vit", {"backbone": "vit_tiny_patch16_224", "num_classes": 3, "aux_layer": -1,
+                                           "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2,
+                                           "img_size": 32, "seg_hidden": 8, "pos_embed_trainable": True,
+                                           "projection": {"hidden_dim": 8, "bottleneck_dim": 4, "out_dim": 6}}).eval()
+    images, second, crops = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2 * 3, 3, 16, 16)
+    with torch.no_grad():
+        out = net(images, views=[second, crops])
+        head = lambda x: net.projection(net.backbone(x).cls_token)    # noqa: E731
+        assert out.projected.shape == (2, 5, 6)
+        torch.testing.assert_close(out.projected[:, 0], head(images))
+        torch.testing.assert_close(out.projected[:, 1], head(second))
+        torch.testing.assert_close(out.projected[1, 2:], head(crops[3:]))
+    assert not any(p.requires_grad for p in net.teacher_projection.parameters())
+    encoder, heads = net.param_groups()
+    assert {id(p) for p in net.projection.parameters()} <= {id(p) for p in heads}
+    assert not {id(p) for p in net.teacher_projection.parameters()} & {id(p) for p in encoder + heads}
+
+
+def test_random_resized_box_stays_inside_and_keeps_its_area_range():
+    from pipeline.transforms import random_resized_box
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = int(rng.integers(20, 300)), int(rng.integers(20, 300))
+        top, left, bh, bw = random_resized_box(h, w, rng)
+        assert 0 <= top and top + bh <= h and 0 <= left and left + bw <= w and bh > 0 and bw > 0
+        assert bh * bw >= 0.4 * h * w * 0.8 or (bh, bw) in ((h, w), (h, min(w, round(h * 4 / 3))),
+                                                             (min(h, round(w * 4 / 3)), w))
