@@ -46,6 +46,31 @@ class ViTFeatures(NamedTuple):
     tokens); None unless `return_attn=True`."""
 
 
+class ConvStem(nn.Module):
+    """A convolutional patch embedding ("early convolutions", Xiao et al. 2021) for a
+    random-init ViT that must learn from little data (the CPU demos): log2(patch) 3x3 stride-2
+    convolutions with BatchNorm and ReLU, widening to dim/2, then a 1x1 convolution to `dim`.
+    Input sides must be multiples of `patch` (ViTBackbone crops them so)."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int):
+        super().__init__()
+        if patch < 2 or patch & (patch - 1):
+            raise PipelineError(f"conv_stem needs a power-of-two patch size, got {patch}")
+        layers: list[nn.Module] = []
+        channels, steps = in_channels, patch.bit_length() - 1
+        for i in range(steps):
+            out = max(8, dim // 2 ** (steps - i))
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True)]
+            channels = out
+        layers.append(nn.Conv2d(channels, dim, 1))
+        self.layers = nn.Sequential(*layers)
+        self.in_channels = in_channels
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.layers(images)
+
+
 class ViTBackbone(nn.Module):
     """A timm VisionTransformer that returns `ViTFeatures` for inputs of any size.
 
@@ -53,7 +78,8 @@ class ViTBackbone(nn.Module):
     (so `pretrained` may be True, False or a local weights path, and e.g.
     `patch_size=8, depth=2, embed_dim=64` build a tiny test model). `img_size` sets the
     native position-embedding grid (img_size / patch). `aux_layer` indexes the blocks,
-    negative from the end (-3 = ToCo's block 10 of 12).
+    negative from the end (-3 = ToCo's block 10 of 12). `conv_stem` replaces the patch
+    convolution by a small convolutional stem of the same stride (ConvStem; demos only).
     """
 
     def __init__(
@@ -64,6 +90,7 @@ class ViTBackbone(nn.Module):
         pos_embed_trainable: bool = False,
         img_size: int | tuple[int, int] | None = None,
         pos_embed_antialias: bool = False,
+        conv_stem: bool = False,
         **timm_kwargs,
     ):
         super().__init__()
@@ -91,6 +118,8 @@ class ViTBackbone(nn.Module):
                     f"{name!r} block {i} is {type(block).__name__}: ViTBackbone computes attention "
                     "explicitly only for timm's plain Block/Attention")
         vit.pos_embed.requires_grad_(pos_embed_trainable)
+        if conv_stem:
+            vit.patch_embed.proj = ConvStem(vit.patch_embed.proj.in_channels, vit.embed_dim, patch_h)
         self.aux_index = aux_layer % depth
         self.patch_size: int = patch_h
         self.embed_dim: int = vit.embed_dim
@@ -121,6 +150,9 @@ class ViTBackbone(nn.Module):
         """Images (B, 3, H, W) -> (tokens (B, prefix + h*w, D) entering block 0, (h, w))."""
         vit = self.vit
         # The patch conv is called directly: timm's PatchEmbed asserts the size, ToCo floors.
+        if isinstance(vit.patch_embed.proj, ConvStem):
+            h, w = self.grid_size(*images.shape[-2:])
+            images = images[..., :h * self.patch_size, :w * self.patch_size]     # the same floor
         patches = vit.patch_embed.proj(images)
         grid = (patches.shape[2], patches.shape[3])
         patches = vit.patch_embed.norm(patches.flatten(2).transpose(1, 2))
