@@ -144,13 +144,13 @@ def test_random_resized_box_stays_inside_and_keeps_its_area_range():
 def test_conv_stem_keeps_the_patch_grid_and_floors_like_the_patch_conv():
     from net.vit_backbone import ViTBackbone
 
-    plain = ViTBackbone("vit_tiny_patch16_224", patch_size=8, depth=1, embed_dim=16, num_heads=2, img_size=32)
-    stem = ViTBackbone("vit_tiny_patch16_224", patch_size=8, depth=1, embed_dim=16, num_heads=2, img_size=32,
+    plain = ViTBackbone("vit_tiny_patch16_224", aux_layer=-1, patch_size=8, depth=1, embed_dim=16, num_heads=2, img_size=32)
+    stem = ViTBackbone("vit_tiny_patch16_224", aux_layer=-1, patch_size=8, depth=1, embed_dim=16, num_heads=2, img_size=32,
                        conv_stem=True)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in stem.vit.patch_embed.proj.modules()) == 4   # 3 stride-2 + 1x1
     for size in ((32, 32), (37, 45)):
         x = torch.randn(2, 3, *size)
         assert stem(x).patch.shape == plain(x).patch.shape == (2, 16, size[0] // 8, size[1] // 8)
     with pytest.raises(PipelineError, match="power-of-two"):
-        ViTBackbone("vit_tiny_patch16_224", patch_size=6, depth=1, embed_dim=16, num_heads=2, img_size=36,
+        ViTBackbone("vit_tiny_patch16_224", aux_layer=-1, patch_size=6, depth=1, embed_dim=16, num_heads=2, img_size=36,
                     conv_stem=True)
