@@ -31,6 +31,7 @@ class SingleStageOutput(NamedTuple):
     cls_token: Tensor       # (B, D)
     view_cls: Tensor | None = None    # (B, V, D) class tokens of the input and the extra views (CTC)
     projected: Tensor | None = None   # (B, V, P) the projection head on them
+    view_seg: list[Tensor] | None = None   # seg logits (B, C + 1, h', w') of each of `seg_views` (SCD)
 
 
 @register_model("single_stage_vit")
@@ -58,10 +59,13 @@ class SingleStageNet(nn.Module):
             self.teacher_projection = EMA(self.projection, projection_momentum)
         self.num_classes = num_classes
 
-    def forward(self, images: Tensor, views: list[Tensor] | None = None) -> SingleStageOutput:
+    def forward(self, images: Tensor, views: list[Tensor] | None = None,
+                seg_views: list[Tensor] | None = None) -> SingleStageOutput:
         """`views`: more inputs (each (B, 3, h, w), any size) whose class tokens go, after the
         input's own, through the projection head: `projected` (B, 1 + Σ views per image, P),
-        view-major within each image (CTC's student). Inside forward, so that DDP sees them."""
+        view-major within each image (CTC's student). `seg_views`: more inputs whose segmentation
+        logits come back in `view_seg` (the SCD term's second view, engine/scd.py). Both inside
+        forward, so that DDP sees them."""
         features = self.backbone(images)
         logits, cams = self.classifier(features.patch)
         aux_logits, aux_cams = self.aux_classifier(features.aux)
@@ -71,8 +75,9 @@ class SingleStageNet(nn.Module):
                 raise ValueError("views given to a network built without a projection head")
             view_cls = torch.cat([features.cls_token[:, None]] + [self.view_tokens(v, len(images)) for v in views], 1)
             projected = self.projection(view_cls)
+        view_seg = [self.segment(view) for view in seg_views] if seg_views else None
         return SingleStageOutput(logits, aux_logits, cams, aux_cams, self.seg_head(features.patch),
-                                 features.patch, features.cls_token, view_cls, projected)
+                                 features.patch, features.cls_token, view_cls, projected, view_seg)
 
     def view_tokens(self, view: Tensor, batch: int) -> Tensor:
         """Class tokens (B, n, D) of a view batch laid out image-major (B * n, 3, h, w)."""

@@ -393,7 +393,15 @@ class FsrConfig:
 
 @dataclass
 class ScdConfig:
-    """The CAM-similarity self-distillation of TSD-CAM / TSCD (methods/tsd-cam.md, tscd.md)."""
+    """The CAM-similarity self-distillation of TSD-CAM / TSCD (methods/tsd-cam.md §2.3, tscd.md §5;
+    engine/scd.py): the crop's and a downscaled copy's CAM correlation (teacher, no gradient)
+    distilled into their segmentation-logit correlation (student). Defaults: TSD-CAM's reference.
+    The references' gradient-free "ER" term (an L1 between the two views' CAMs) is not computed."""
+    view_scale: float = checked(0.3, (lambda v: 0 < v < 1, "must be within (0, 1)"))   # second view: crop x 0.3
+    samples: int = checked(40, POSITIVE)           # samples x samples random points per image and view
+    view_align_corners: bool = True                # the downscale of the crop to the second view
+    # the upsampling of each view's seg logits to its own size: TSD-CAM false, TSCD true
+    seg_align_corners: bool = False
 
 
 @dataclass

@@ -1,0 +1,128 @@
+"""CAM-similarity self-distillation, the `scd` loss term of TSD-CAM and TSCD
+(methods/tsd-cam.md §2.3, tscd.md §5.1-§5.2; STEGO's correspondence distillation).
+
+Two views of the batch: the crop (view a) and a copy downscaled by `scd.view_scale`
+(0.3: 512 -> 153 px, view b). Per image, `samples` x `samples` random points are drawn in
+each view independently (uniform in [-1, 1]^2, read by bilinear `grid_sample` with border
+padding and align_corners=True); the points of the two views do not correspond, every
+point of a is related to every point of b.
+
+    teacher  T[p, q] = cos(cams_a(p), cams_b(q))     multi-scale CAMs of each view, no gradient
+             T'[p, q] = T[p, q] - mean_q T[p, q] + mean_{p,q} T   (each row centred, global mean back)
+    student  S[p, q] = cos(seg_a(p), seg_b(q))       segmentation logits of each view, with gradient
+    loss     -mean_{b,p,q} max(S[p, q], 0) * T'[p, q]
+
+Cosines over channels with L2 normalisation (eps 1e-10); all CAM channels are used, absent
+classes included, as in the references. The gradient reaches the segmentation branch of both
+views (and through it the encoder); the CAMs are targets. The references' "ER" term (an L1
+between the two views' CAMs) is computed under no_grad there and changes nothing but the logged
+loss: it is not computed here.
+
+The reference reads its points through a transposed coordinate grid; that only relabels the
+random points (the loss is a mean over all pairs, the centring over all q of each p), so the
+value is the same.
+
+Network contract (any single-stage model whose output has CAMs and segmentation logits, ViT or
+MiT): the term's `prepare` builds view b and, when the model's forward takes `seg_views`,
+passes `seg_views=[view]` so that the second forward runs inside the network's forward (DDP
+sees it) and returns its logits in `out.view_seg[0]`. A model without that keyword gets a
+second call of the (possibly DDP-wrapped) model inside the term, as the references do. The
+CAMs of view b come from the engine's `online_cams` (the same multi-scale + flip recipe as the
+crop's), computed in `prepare`, before the forward, like the crop's.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.terms import Step, register_term
+
+EPS = 1e-10
+
+
+def small_view(images: Tensor, scale: float, align_corners: bool = True) -> Tensor:
+    """The second view: `images` (B, 3, H, W) resized bilinearly by `scale` to
+    (floor(H * scale), floor(W * scale)), as the references' `scale_factor` resize."""
+    return F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=align_corners,
+                         recompute_scale_factor=True)
+
+
+def random_points(batch: int, samples: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+    """(B, samples, samples, 2) points uniform in [-1, 1]^2 (grid_sample's x, y)."""
+    return torch.rand(batch, samples, samples, 2, device=device, generator=generator) * 2 - 1
+
+
+def sample_at(maps: Tensor, points: Tensor) -> Tensor:
+    """maps (B, C, H, W) read at points (B, S, S, 2): (B, C, S, S), bilinear, border padding,
+    align_corners=True."""
+    return F.grid_sample(maps, points.to(maps.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine of every point of a (B, C, S, S) with every point of b (B, C, S', S'):
+    (B, S, S, S', S')."""
+    a, b = F.normalize(a, dim=1, eps=EPS), F.normalize(b, dim=1, eps=EPS)
+    return torch.einsum("nchw,ncij->nhwij", a, b)
+
+
+def scd_loss(cams_a: Tensor, cams_b: Tensor, seg_a: Tensor, seg_b: Tensor, points_a: Tensor,
+             points_b: Tensor) -> Tensor:
+    """The SCD loss (module docstring). cams_a / seg_a: (B, K, H, W) / (B, C, H, W) of view a,
+    cams_b / seg_b of view b (any size); points_a / points_b (B, S, S, 2) in [-1, 1].
+    The CAMs never receive a gradient; the seg logits of both views do."""
+    with torch.no_grad():
+        teacher = correlation(sample_at(cams_a.detach().float(), points_a),
+                              sample_at(cams_b.detach().float(), points_b))
+        overall = teacher.mean()
+        teacher = teacher - teacher.mean(dim=(3, 4), keepdim=True)
+        teacher = teacher - teacher.mean() + overall
+    student = correlation(sample_at(seg_a.float(), points_a), sample_at(seg_b.float(), points_b))
+    return -(student.clamp(min=0) * teacher).mean()
+
+
+def _takes_seg_views(net) -> bool:
+    try:
+        return "seg_views" in inspect.signature(net.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _first(cams):
+    return cams[0] if isinstance(cams, tuple) else cams
+
+
+def scd_prepare(step: Step) -> dict:
+    """View b, its CAMs and the crop's CAMs (no gradient, before the forward); the view goes
+    to the forward as `seg_views` where the model takes it."""
+    cfg = step.section.scd
+    view = step.keep("scd_view", small_view(step.images, cfg.view_scale, cfg.view_align_corners))
+    step.cams()
+    step.keep("scd_view_cams", _first(step.engine.online_cams(step.net, view)))
+    if _takes_seg_views(step.net):
+        step.keep("scd_in_forward", True)
+        return {"seg_views": [view]}
+    step.keep("scd_in_forward", False)
+    return {}
+
+
+@register_term("scd", prepare=scd_prepare)
+def scd_term(step: Step) -> Tensor:
+    cfg = step.section.scd
+    view = step.kept("scd_view")
+    if step.kept("scd_in_forward"):
+        seg_b = step.out.view_seg[0]
+    else:
+        seg_b = step.model(view).seg      # a second forward (the references' way)
+    size_a, size_b = step.images.shape[-2:], view.shape[-2:]
+    if cfg.seg_align_corners:
+        seg_a = F.interpolate(step.out.seg.float(), size=size_a, mode="bilinear", align_corners=True)
+    else:
+        seg_a = step.seg_logits()          # shared with the seg / reg terms
+    seg_b = F.interpolate(seg_b.float(), size=size_b, mode="bilinear", align_corners=cfg.seg_align_corners)
+    batch, device = len(step.images), step.images.device
+    points_a = random_points(batch, cfg.samples, device)
+    points_b = random_points(batch, cfg.samples, device)
+    return scd_loss(step.cams(), step.kept("scd_view_cams"), seg_a, seg_b, points_a, points_b)
