@@ -8,10 +8,13 @@ padding and align_corners=True); the points of the two views do not correspond, 
 point of a is related to every point of b.
 
     teacher  T[p, q] = cos(cams_a(p), cams_b(q))     multi-scale CAMs of each view, no gradient
-             T'[p, q] = T[p, q] - mean_q T[p, q] + mean_{p,q} T   (each row centred, global mean back)
+             T'[p, q] = T[p, q] - mean_q T[p, q] + mean_{p,q} T   (each row centred, the mean back)
     student  S[p, q] = cos(seg_a(p), seg_b(q))       segmentation logits of each view, with gradient
     loss     -mean_{b,p,q} max(S[p, q], 0) * T'[p, q]
 
+The mean added back is per image by default; the reference takes it over its per-GPU batch
+(`batch_mean: true`): the same thing for TSD-CAM's published run (1 image per GPU), not for a
+larger per-device batch, where it would make one image's target depend on the others.
 Cosines over channels with L2 normalisation (eps 1e-10); all CAM channels are used, absent
 classes included, as in the references. The gradient reaches the segmentation branch of both
 views (and through it the encoder); the CAMs are targets. The references' "ER" term (an L1
@@ -69,16 +72,18 @@ def correlation(a: Tensor, b: Tensor) -> Tensor:
 
 
 def scd_loss(cams_a: Tensor, cams_b: Tensor, seg_a: Tensor, seg_b: Tensor, points_a: Tensor,
-             points_b: Tensor) -> Tensor:
+             points_b: Tensor, batch_mean: bool = False) -> Tensor:
     """The SCD loss (module docstring). cams_a / seg_a: (B, K, H, W) / (B, C, H, W) of view a,
     cams_b / seg_b of view b (any size); points_a / points_b (B, S, S, 2) in [-1, 1].
-    The CAMs never receive a gradient; the seg logits of both views do."""
+    The CAMs never receive a gradient; the seg logits of both views do. `batch_mean`: the
+    teacher's mean added back over the whole batch (the reference) instead of per image."""
     with torch.no_grad():
         teacher = correlation(sample_at(cams_a.detach().float(), points_a),
                               sample_at(cams_b.detach().float(), points_b))
-        overall = teacher.mean()
+        dims = tuple(range(teacher.dim())) if batch_mean else tuple(range(1, teacher.dim()))
+        overall = teacher.mean(dim=dims, keepdim=True)
         teacher = teacher - teacher.mean(dim=(3, 4), keepdim=True)
-        teacher = teacher - teacher.mean() + overall
+        teacher = teacher - teacher.mean(dim=dims, keepdim=True) + overall
     student = correlation(sample_at(seg_a.float(), points_a), sample_at(seg_b.float(), points_b))
     return -(student.clamp(min=0) * teacher).mean()
 
@@ -125,4 +130,5 @@ def scd_term(step: Step) -> Tensor:
     batch, device = len(step.images), step.images.device
     points_a = random_points(batch, cfg.samples, device)
     points_b = random_points(batch, cfg.samples, device)
-    return scd_loss(step.cams(), step.kept("scd_view_cams"), seg_a, seg_b, points_a, points_b)
+    return scd_loss(step.cams(), step.kept("scd_view_cams"), seg_a, seg_b, points_a, points_b,
+                    batch_mean=cfg.batch_mean)

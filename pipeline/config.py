@@ -402,6 +402,8 @@ class ScdConfig:
     view_align_corners: bool = True                # the downscale of the crop to the second view
     # the upsampling of each view's seg logits to its own size: TSD-CAM false, TSCD true
     seg_align_corners: bool = False
+    # the teacher's mean added back over the device's batch (the reference) or per image
+    batch_mean: bool = False
 
 
 @dataclass
