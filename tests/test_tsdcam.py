@@ -252,11 +252,16 @@ def test_the_view_goes_through_the_forward_and_the_term_falls_back_to_a_second_c
         assert step.kept("scd_view").shape[-2:] == (19, 19)
         assert ("seg_views" in args) is not wrap
         step.out = model(images, **args)
+        step.out.seg.retain_grad()
         if not wrap:
             assert step.out.view_seg[0].shape == (2, 4, 2, 2)
             torch.testing.assert_close(step.out.view_seg[0], net.segment(step.kept("scd_view")))
+            step.out.view_seg[0].retain_grad()
         loss = scd_term(step)
         loss.backward()
+        assert step.out.seg.grad.abs().sum() > 0                    # both views' seg logits are students
+        if not wrap:
+            assert step.out.view_seg[0].grad.abs().sum() > 0
         assert net.seg_head.conv8.weight.grad.abs().sum() > 0
         assert net.classifier.classifier.weight.grad is None        # the CAM heads get nothing from SCD
 
