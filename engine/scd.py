@@ -25,13 +25,15 @@ The reference reads its points through a transposed coordinate grid; that only r
 random points (the loss is a mean over all pairs, the centring over all q of each p), so the
 value is the same.
 
-Network contract (any single-stage model whose output has CAMs and segmentation logits, ViT or
-MiT): the term's `prepare` builds view b and, when the model's forward takes `seg_views`,
-passes `seg_views=[view]` so that the second forward runs inside the network's forward (DDP
-sees it) and returns its logits in `out.view_seg[0]`. A model without that keyword gets a
-second call of the (possibly DDP-wrapped) model inside the term, as the references do. The
-CAMs of view b come from the engine's `online_cams` (the same multi-scale + flip recipe as the
-crop's), computed in `prepare`, before the forward, like the crop's.
+Network contract (any single-stage model, ViT or MiT), all the term needs:
+- `out.seg`: the segmentation logits of the crop at any stride (upsampled here);
+- the engine's `online_cams(net, images)`: the multi-scale + flip CAMs in [0, 1] at the input
+  size (a tensor, or a tuple whose first entry is the CAM), used for both views (`step.cams()`
+  for the crop), computed in `prepare`, before the forward;
+- optionally a forward keyword `seg_views` (a list of extra inputs) returning their logits in
+  `out.view_seg`: `prepare` then passes `seg_views=[view]`, so that the small view runs inside
+  the network's forward (DDP sees it). A model without that keyword gets a second call of the
+  (possibly DDP-wrapped) model inside the term, as the references do (`out.seg` of that call).
 """
 from __future__ import annotations
 
