@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.terms import Step, register_term
+from pipeline.errors import PipelineError
 
 EPS = 1e-10
 
@@ -105,6 +106,12 @@ def scd_prepare(step: Step) -> dict:
     """View b, its CAMs and the crop's CAMs (no gradient, before the forward); the view goes
     to the forward as `seg_views` where the model takes it."""
     cfg = step.section.scd
+    height, width = step.images.shape[-2:]
+    smallest = min(height, width) * cfg.view_scale * min(step.section.cam_scales)
+    if smallest < getattr(step.net, "patch_size", 1):
+        raise PipelineError(f"train_net.scd.view_scale: a {cfg.view_scale} x view of a {height}x{width} crop, at CAM "
+                            f"scale {min(step.section.cam_scales)}, is {smallest:.0f} px, smaller than one "
+                            f"{getattr(step.net, 'patch_size', 1)}-px patch; raise train_net.crop_size or the scale")
     view = step.keep("scd_view", small_view(step.images, cfg.view_scale, cfg.view_align_corners))
     step.cams()
     step.keep("scd_view_cams", _first(step.engine.online_cams(step.net, view)))

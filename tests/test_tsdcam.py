@@ -17,6 +17,7 @@ from engine.refine import PRESETS, LocalRefiner
 from engine.scd import correlation, random_points, scd_loss, small_view
 from net.registry import build_model
 from pipeline.config import load_config
+from pipeline.errors import PipelineError
 from stages.train_net import model_args, term_on, used_terms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,6 +265,11 @@ def test_the_view_goes_through_the_forward_and_the_term_falls_back_to_a_second_c
             assert step.out.view_seg[0].grad.abs().sum() > 0
         assert net.seg_head.conv8.weight.grad.abs().sum() > 0
         assert net.classifier.classifier.weight.grad is None        # the CAM heads get nothing from SCD
+    section.scd.view_scale = 0.1                                    # 6-px view, 3 px at CAM scale 0.5
+    step = Step(net, net, images, torch.ones(2, 3), torch.tensor([[0, 64, 0, 64]] * 2), None, 5000, section,
+                None, Engine())
+    with pytest.raises(PipelineError, match="train_net.scd.view_scale"):
+        scd_prepare(step)
 
 
 def test_train_net_runs_a_few_iterations_with_scd(tmp_path, caplog):
