@@ -5,7 +5,8 @@ Two views of the batch: the crop (view a) and a copy downscaled by `scd.view_sca
 (0.3: 512 -> 153 px, view b). Per image, `samples` x `samples` random points are drawn in
 each view independently (uniform in [-1, 1]^2, read by bilinear `grid_sample` with border
 padding and align_corners=True); the points of the two views do not correspond, every
-point of a is related to every point of b.
+point of a is related to every point of b. Points fall anywhere in the crop, its padding included
+(as in the references).
 
     teacher  T[p, q] = cos(cams_a(p), cams_b(q))     multi-scale CAMs of each view, no gradient
              T'[p, q] = T[p, q] - mean_q T[p, q] + mean_{p,q} T   (each row centred, the mean back)
