@@ -159,12 +159,13 @@ def test_shapes_strides_and_attention_logit_shapes():
         expected = [(1, TINY["num_heads"][i], n[i], reduced[i]) for i in range(4) for _ in range(TINY["depths"][i])]
         assert [a.shape for a in attns] == expected
     # stride-1 stage 4: 3x3 kernel, padding 1 (the release's kernel kept, so its weights fit)
-    conv = mit("b1", pretrained=False).patch_embed4.proj
+    with torch.device("meta"):                                      # layout only: no init cost
+        afa, imagenet = mit("b1", pretrained=False), mit("b1", strides=(4, 2, 2, 2))
+    conv = afa.patch_embed4.proj
     assert (conv.kernel_size, conv.stride, conv.padding) == ((3, 3), (1, 1), (1, 1))
-    conv = mit("b1").patch_embed1.proj
+    conv = afa.patch_embed1.proj
     assert (conv.kernel_size, conv.stride, conv.padding) == ((7, 7), (4, 4), (3, 3))
-    model = mit("b1", strides=(4, 2, 2, 2))
-    assert model.patch_embed4.proj.stride == (2, 2) and model.embed_dims == (64, 128, 320, 512)
+    assert imagenet.patch_embed4.proj.stride == (2, 2) and imagenet.embed_dims == (64, 128, 320, 512)
 
 
 def test_attention_logits_carry_gradient_and_drop_path_is_linear():
