@@ -132,6 +132,10 @@ class EfficientSelfAttention(nn.Module):
         q = self._heads(self.q(x))
         source = x
         if self.sr_ratio > 1:
+            if height < self.sr_ratio or width < self.sr_ratio:
+                raise PipelineError(
+                    f"MiT: input too small, a {height}x{width} token grid is smaller than the spatial "
+                    f"reduction ratio {self.sr_ratio} (the default layout needs at least 32 px per side)")
             reduced = self.sr(tokens_to_map(x, height, width))
             source = self.norm(reduced.flatten(2).transpose(1, 2))
         k, v = self.kv(source).chunk(2, dim=-1)
@@ -275,12 +279,6 @@ def mit(variant: str = "b1", strides=(4, 2, 2, 1), pretrained: bool | str | Path
     name = str(variant).lower().removeprefix("mit_").removeprefix("mit-")
     if name not in MIT_VARIANTS:
         raise PipelineError(f"unknown MiT variant {variant!r}; known: {', '.join(MIT_VARIANTS)}")
-    settings = {**MIT_COMMON, **MIT_VARIANTS[name], "strides": tuple(strides)}
-    unknown = set(overrides) - set(inspect.signature(MixTransformer).parameters)
-    if unknown:
-        raise PipelineError(f"unknown MiT argument(s): {', '.join(sorted(unknown))}")
-    settings.update(overrides)
-    model = MixTransformer(**settings)
     if isinstance(pretrained, str) and pretrained.strip().lower() in ("true", "false", ""):
         pretrained = pretrained.strip().lower() == "true"
     if pretrained is True:
@@ -288,6 +286,10 @@ def mit(variant: str = "b1", strides=(4, 2, 2, 1), pretrained: bool | str | Path
             f"MiT-{name.upper()} weights are not downloaded automatically: fetch mit_{name}.pth from the "
             "SegFormer release (ImageNet-1k MiT checkpoints, see docs/mit.md) and give its local path as "
             "`pretrained` (or set pretrained: false for a random init)")
+    unknown = set(overrides) - set(inspect.signature(MixTransformer).parameters)
+    if unknown:
+        raise PipelineError(f"unknown MiT argument(s): {', '.join(sorted(unknown))}")
+    model = MixTransformer(**{**MIT_COMMON, **MIT_VARIANTS[name], "strides": strides, **overrides})
     if pretrained:
         load_mit_weights(model, pretrained)
     return model

@@ -312,6 +312,8 @@ def test_checkpoint_errors(tmp_path):
         mit("b0", depth=3)
     with pytest.raises(PipelineError, match="strides"):
         mit("b0", strides=(4, 2, 2))
+    with pytest.raises(PipelineError, match="too small"):
+        MixTransformer(**TINY)(torch.zeros(1, 3, 24, 64))
 
 
 # Encoder-only sizes (the ImageNet head excluded). SegFormer's Table 1 lists encoder parameters
