@@ -85,7 +85,8 @@ class SingleStageLoss:
         from engine.refine import image_for_refiner, refine_cams_with_refiner
 
         t = self.section.thresholds
-        rgb = image_for_refiner(images, self.data.mean, self.data.std)
+        # data.mean/std are on the 0..1 scale; image_for_refiner takes the 0..255 scale
+        rgb = image_for_refiner(images, [255 * m for m in self.data.mean], [255 * s for s in self.data.std])
         return refine_cams_with_refiner(self.refiner, rgb, cams, targets, t.high, t.low, boxes,
                                         down_scale=self.section.refiner.down_scale)
 
@@ -122,8 +123,11 @@ def run(ctx) -> dict:
                                        views=section.losses.ctc.weight > 0)
     loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed,
                          key="train_net.batch_size")
-    encoder, heads = model.param_groups()
-    groups = [{"params": encoder, "lr_mult": 1.0}, {"params": heads, "lr_mult": section.head_lr_mult}]
+    if hasattr(model, "optimizer_groups"):      # the network's own groups (AFA/TSCD: frozen norms)
+        groups = model.optimizer_groups(section)
+    else:
+        encoder, heads = model.param_groups()
+        groups = [{"params": encoder, "lr_mult": 1.0}, {"params": heads, "lr_mult": section.head_lr_mult}]
     losses = SingleStageLoss(section, data, runtime)
     opt = section.optimizer
 
