@@ -264,3 +264,43 @@ def test_train_net_and_the_seg_head_stages_on_tiny_data(tmp_path):
     assert run_stage(cfg, method.stage("make_cam"), runtime)["outputs"]
     test = run_stage(cfg, method.stage("test_seg_head"), runtime)
     assert test["outputs"]["images"] == 2 and 0.0 <= test["metrics"]["miou"] <= 1.0
+
+
+def test_segformer_decoder_against_an_explicit_computation():
+    """Each stage through its linear layer, stages 2-4 upsampled to stage 1, concatenated c4, c3,
+    c2, c1, 1x1 conv + BN + ReLU, (dropout off in eval), 1x1 classifier."""
+    from net.single_stage_mit import SegFormerHead
+
+    torch.manual_seed(5)
+    head = SegFormerHead([4, 6, 8, 10], embedding_dim=5, num_classes=3).eval()
+    head.linear_fuse[1].running_mean.uniform_(-1, 1)
+    head.linear_fuse[1].running_var.uniform_(0.5, 2)
+    features = [torch.randn(2, c, s, s + 1) for c, s in ((4, 8), (6, 4), (8, 2), (10, 2))]
+    embedded = []
+    for i in (4, 3, 2, 1):
+        layer = getattr(head, f"linear_c{i}").proj
+        x = torch.einsum("bchw,ec->behw", features[i - 1], layer.weight) + layer.bias[None, :, None, None]
+        embedded.append(F.interpolate(x, size=(8, 9), mode="bilinear", align_corners=False))
+    bn = head.linear_fuse[1]
+    fused = F.conv2d(torch.cat(embedded, 1), head.linear_fuse[0].weight)
+    fused = (fused - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    fused = torch.relu(fused * bn.weight[:, None, None] + bn.bias[:, None, None])
+    expected = F.conv2d(fused, head.linear_pred.weight, head.linear_pred.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(head(features), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["afa_voc12", "tscd_voc12"])
+def test_seg_logits_are_upsampled_with_the_networks_align_corners(name):
+    from engine.terms import Step
+
+    cfg = _config(name, "train_net.backbone=mit_b0")
+    cfg.train_net.model_kwargs = dict(TINY_MIT)
+    net = build_model("single_stage_mit", model_args(cfg.train_net, 3)).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = net(images)
+    step = Step(net, net, images, None, None, out, 0, cfg.train_net, cfg.data, None)
+    corners = name == "tscd_voc12"
+    expected = F.interpolate(out.seg, size=(64, 64), mode="bilinear", align_corners=corners)
+    torch.testing.assert_close(step.seg_logits(), expected)
