@@ -136,7 +136,8 @@ class SingleStageMiT(nn.Module):
         # the engine upsamples the segmentation logits to the crop with this flag (TSCD: True)
         self.seg_align_corners = bool(seg_align_corners)
         self.num_classes = num_classes
-        if sync_bn and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (sync_bn and torch.cuda.is_available() and torch.distributed.is_available()
+                and torch.distributed.is_initialized()):    # SyncBN needs CUDA tensors
             self.decoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.decoder)
 
     @classmethod
