@@ -236,7 +236,10 @@ def test_seg_labels_switch_to_the_propagated_ones_at_propagate_start():
     assert int(step.seg_labels()[1, 50:, :].ne(255).sum()) == 0          # outside the box
 
 
-def test_train_net_and_the_seg_head_stages_on_tiny_data(tmp_path):
+@pytest.mark.parametrize("name", ["afa_voc12", "tscd_voc12"])
+def test_train_net_and_the_seg_head_stages_on_tiny_data(tmp_path, name):
+    """AFA with its propagation switched on at iteration 3; TSCD (VARM, no propagation) with the
+    scd term off (it comes with TSD-CAM's branch)."""
     from dataset.demo import generate_demo_data
     from pipeline.methods import get_method
     from pipeline.runner import run_stage
@@ -253,14 +256,18 @@ def test_train_net_and_the_seg_head_stages_on_tiny_data(tmp_path):
                  "train_net.optimizer.warmup_steps=1", "train_net.aff.propagate_start=3",
                  "train_net.losses.seg.start=2", "train_net.losses.aff.start=2", "train_net.losses.reg.start=2",
                  "train_net.reg.max_pixels=256", "make_cam.scales=[1.0]", "test_seg_head.scales=[1.0]"]
-    cfg = load_config(REPO / "configs" / "afa_voc12.yaml", overrides)
+    if name == "tscd_voc12":
+        overrides.append("train_net.losses.scd.weight=0")
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", overrides)
     cfg.train_net.model_kwargs = dict(TINY_MIT)
     runtime = Runtime(device=torch.device("cpu"))
-    method = get_method("afa")
+    method = get_method(cfg.method)
     train = run_stage(cfg, method.stage("train_net"), runtime)
     assert math.isfinite(train["metrics"]["final_loss"])
     state = torch.load(Path(train["outputs"]["net"]), weights_only=True)
-    assert state["kind"] == "single_stage_mit" and state["model_args"]["symmetrize"] is True
+    assert state["kind"] == "single_stage_mit" and state["model_args"]["symmetrize"] is (name == "afa_voc12")
+    if name == "tscd_voc12":
+        return
     assert run_stage(cfg, method.stage("make_cam"), runtime)["outputs"]
     test = run_stage(cfg, method.stage("test_seg_head"), runtime)
     assert test["outputs"]["images"] == 2 and 0.0 <= test["metrics"]["miou"] <= 1.0
