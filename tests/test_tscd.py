@@ -311,3 +311,17 @@ def test_seg_logits_are_upsampled_with_the_networks_align_corners(name):
     corners = name == "tscd_voc12"
     expected = F.interpolate(out.seg, size=(64, 64), mode="bilinear", align_corners=corners)
     torch.testing.assert_close(step.seg_logits(), expected)
+
+
+def test_flip_mean_halves_the_flip_sum():
+    """AFA / TSCD's test averages each flip pair (the CRF sees the logits' scale)."""
+    from net.single_stage import multiscale_seg_logits
+
+    class Net:
+        def segment(self, x):
+            return torch.cat([x[:, :1] * 2, x[:, 1:2].flip(-1) ** 2], 1)
+
+    images = torch.randn(2, 3, 8, 12)
+    summed = multiscale_seg_logits(Net(), images, [1.0, 0.5], "sum", "max")
+    mean = multiscale_seg_logits(Net(), images, [1.0, 0.5], "mean", "max")
+    torch.testing.assert_close(mean, summed / 2)
