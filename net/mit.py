@@ -34,6 +34,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -131,6 +132,10 @@ class EfficientSelfAttention(nn.Module):
         q = self._heads(self.q(x))
         source = x
         if self.sr_ratio > 1:
+            if height < self.sr_ratio or width < self.sr_ratio:
+                raise PipelineError(
+                    f"MiT: input too small, a {height}x{width} token grid is smaller than the spatial "
+                    f"reduction ratio {self.sr_ratio} (the default layout needs at least 32 px per side)")
             reduced = self.sr(tokens_to_map(x, height, width))
             source = self.norm(reduced.flatten(2).transpose(1, 2))
         k, v = self.kv(source).chunk(2, dim=-1)
@@ -274,12 +279,6 @@ def mit(variant: str = "b1", strides=(4, 2, 2, 1), pretrained: bool | str | Path
     name = str(variant).lower().removeprefix("mit_").removeprefix("mit-")
     if name not in MIT_VARIANTS:
         raise PipelineError(f"unknown MiT variant {variant!r}; known: {', '.join(MIT_VARIANTS)}")
-    settings = {**MIT_COMMON, **MIT_VARIANTS[name], "strides": tuple(strides)}
-    unknown = set(overrides) - set(inspect.signature(MixTransformer).parameters)
-    if unknown:
-        raise PipelineError(f"unknown MiT argument(s): {', '.join(sorted(unknown))}")
-    settings.update(overrides)
-    model = MixTransformer(**settings)
     if isinstance(pretrained, str) and pretrained.strip().lower() in ("true", "false", ""):
         pretrained = pretrained.strip().lower() == "true"
     if pretrained is True:
@@ -287,14 +286,77 @@ def mit(variant: str = "b1", strides=(4, 2, 2, 1), pretrained: bool | str | Path
             f"MiT-{name.upper()} weights are not downloaded automatically: fetch mit_{name}.pth from the "
             "SegFormer release (ImageNet-1k MiT checkpoints, see docs/mit.md) and give its local path as "
             "`pretrained` (or set pretrained: false for a random init)")
+    unknown = set(overrides) - set(inspect.signature(MixTransformer).parameters)
+    if unknown:
+        raise PipelineError(f"unknown MiT argument(s): {', '.join(sorted(unknown))}")
+    model = MixTransformer(**{**MIT_COMMON, **MIT_VARIANTS[name], "strides": strides, **overrides})
     if pretrained:
         load_mit_weights(model, pretrained)
     return model
 
 
+def read_weights_file(path: str | Path) -> dict:
+    """A state dict from a `.pth`/`.bin` (pickle-free torch.load) or a `.safetensors` file."""
+    file = Path(path)
+    if file.suffix != ".safetensors":
+        return read_state_dict(file, "MiT pretrained weights")
+    if not file.is_file():
+        raise PipelineError(f"MiT pretrained weights file not found: {file}")
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(file), device="cpu")
+    except Exception as e:  # safetensors raises several types for a bad file
+        raise PipelineError(f"cannot read MiT pretrained weights {file}: {e}") from None
+
+
+# Hugging Face Segformer name pieces -> SegFormer-release names, applied to a key with the
+# model prefix removed. Keys and values (separate there) are joined into `kv` afterwards.
+_HF_RENAMES = (
+    (re.compile(r"^patch_embeddings\.(\d)\.layer_norm\."), lambda m: f"patch_embed{int(m[1]) + 1}.norm."),
+    (re.compile(r"^patch_embeddings\.(\d)\."), lambda m: f"patch_embed{int(m[1]) + 1}."),
+    (re.compile(r"^layer_norm\.(\d)\."), lambda m: f"norm{int(m[1]) + 1}."),
+    (re.compile(r"^block\.(\d)\.(\d+)\."), lambda m: f"block{int(m[1]) + 1}.{m[2]}."),
+    (re.compile(r"\.layer_norm_([12])\."), lambda m: f".norm{m[1]}."),
+    (re.compile(r"\.attention\.self\.query\."), lambda m: ".attn.q."),
+    (re.compile(r"\.attention\.self\.layer_norm\."), lambda m: ".attn.norm."),
+    (re.compile(r"\.attention\.self\.sr\."), lambda m: ".attn.sr."),
+    (re.compile(r"\.attention\.output\.dense\."), lambda m: ".attn.proj."),
+    (re.compile(r"\.attention\.self\.(key|value)\."), lambda m: f".attn.{m[1]}."),
+    (re.compile(r"\.mlp\.dense([12])\."), lambda m: f".mlp.fc{m[1]}."),
+)
+
+
+def from_hugging_face_names(state: dict) -> dict:
+    """Rename a Hugging Face `Segformer*` state dict (e.g. `nvidia/mit-b1`:
+    `segformer.encoder.block.0.0.attention.self.query.weight`) to the release's names
+    (`block1.0.attn.q.weight`), joining the separate key and value projections into `kv` (keys
+    first, as the release stores them). The classifier and decode head become `head.*` /
+    stay unknown, so they are dropped or reported by the loader."""
+    renamed: dict = {}
+    for key, value in state.items():
+        for prefix in ("segformer.encoder.", "encoder."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        else:
+            if key.startswith("classifier."):
+                key = "head." + key[len("classifier."):]
+        for pattern, replace in _HF_RENAMES:
+            key = pattern.sub(replace, key)
+        renamed[key] = value
+    for key in [k for k in renamed if ".attn.key." in k]:
+        value_key = key.replace(".attn.key.", ".attn.value.")
+        if value_key in renamed:
+            renamed[key.replace(".attn.key.", ".attn.kv.")] = torch.cat(
+                [renamed.pop(key), renamed.pop(value_key)], dim=0)
+    return renamed
+
+
 def load_mit_weights(model: MixTransformer, path: str | Path, min_share: float = 0.9) -> dict:
     """Load a SegFormer-release MiT checkpoint (`mit_bX.pth`, key names such as
-    `block1.0.attn.kv.weight`, identical to ours) into `model`.
+    `block1.0.attn.kv.weight`, identical to ours) into `model`. A Hugging Face Segformer file
+    (`nvidia/mit-bX`'s `pytorch_model.bin` or `model.safetensors`) is recognised by its
+    `patch_embeddings.` keys and renamed first (`from_hugging_face_names`).
 
     The classifier `head.*` and wrapper prefixes (`module.`) are dropped. Every tensor whose
     name we know must have our shape (else an error naming the file, the key and both shapes);
@@ -302,7 +364,10 @@ def load_mit_weights(model: MixTransformer, path: str | Path, min_share: float =
     tensors unknown to us, is an error too (a file of another variant or model). Returns and logs
     the report {"matched": [...], "missing": [...], "unexpected": [...]}.
     """
-    state = strip_prefixes(read_state_dict(path, "MiT pretrained weights"), ("module.",))
+    state = strip_prefixes(read_weights_file(path), ("module.",))
+    if any(".patch_embeddings." in f".{key}" for key in state):
+        state = from_hugging_face_names(state)
+        log.info("MiT weights %s use Hugging Face Segformer key names: converted", path)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     own = model.state_dict()
     for key, value in state.items():

@@ -159,12 +159,13 @@ def test_shapes_strides_and_attention_logit_shapes():
         expected = [(1, TINY["num_heads"][i], n[i], reduced[i]) for i in range(4) for _ in range(TINY["depths"][i])]
         assert [a.shape for a in attns] == expected
     # stride-1 stage 4: 3x3 kernel, padding 1 (the release's kernel kept, so its weights fit)
-    conv = mit("b1", pretrained=False).patch_embed4.proj
+    with torch.device("meta"):                                      # layout only: no init cost
+        afa, imagenet = mit("b1", pretrained=False), mit("b1", strides=(4, 2, 2, 2))
+    conv = afa.patch_embed4.proj
     assert (conv.kernel_size, conv.stride, conv.padding) == ((3, 3), (1, 1), (1, 1))
-    conv = mit("b1").patch_embed1.proj
+    conv = afa.patch_embed1.proj
     assert (conv.kernel_size, conv.stride, conv.padding) == ((7, 7), (4, 4), (3, 3))
-    model = mit("b1", strides=(4, 2, 2, 2))
-    assert model.patch_embed4.proj.stride == (2, 2) and model.embed_dims == (64, 128, 320, 512)
+    assert imagenet.patch_embed4.proj.stride == (2, 2) and imagenet.embed_dims == (64, 128, 320, 512)
 
 
 def test_attention_logits_carry_gradient_and_drop_path_is_linear():
@@ -230,6 +231,60 @@ def test_official_checkpoint_loads_every_tensor(tmp_path, variant, caplog):
     assert f"{len(own)} tensors matched, 0 missing, 0 unexpected" in caplog.text
 
 
+def hugging_face_names(official: dict) -> dict:
+    """The release -> Hugging Face renaming of transformers' SegFormer conversion script, written out
+    in that direction: `segformer.encoder.` prefix, patch_embedN -> patch_embeddings.N-1, normN ->
+    layer_norm.N-1, blockN -> block.N-1, norm1/2 -> layer_norm_1/2, attn.q -> attention.self.query,
+    attn.proj -> attention.output.dense, attn.sr / attn.norm -> attention.self.sr / .layer_norm,
+    fc1/fc2 -> dense1/dense2, kv split into key (first half) and value, head -> classifier."""
+    out = {}
+    for key, value in official.items():
+        if key.startswith("head."):
+            out["classifier." + key[5:]] = value
+            continue
+        parts = key.split(".")
+        stage = int(parts[0][-1]) - 1
+        if parts[0].startswith("patch_embed"):
+            out[f"segformer.encoder.patch_embeddings.{stage}.{parts[1].replace('norm', 'layer_norm')}.{parts[2]}"] = value
+        elif parts[0].startswith("norm"):
+            out[f"segformer.encoder.layer_norm.{stage}.{parts[1]}"] = value
+        else:
+            head = f"segformer.encoder.block.{stage}.{parts[1]}."
+            rest = ".".join(parts[2:])
+            if rest.startswith("attn.kv."):
+                half = value.shape[0] // 2
+                out[head + "attention.self.key." + parts[-1]] = value[:half].clone()
+                out[head + "attention.self.value." + parts[-1]] = value[half:].clone()
+                continue
+            for old, new in (("norm1.", "layer_norm_1."), ("norm2.", "layer_norm_2."),
+                             ("attn.q.", "attention.self.query."), ("attn.proj.", "attention.output.dense."),
+                             ("attn.sr.", "attention.self.sr."), ("attn.norm.", "attention.self.layer_norm."),
+                             ("mlp.fc1.", "mlp.dense1."), ("mlp.fc2.", "mlp.dense2.")):
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+                    break
+            out[head + rest] = value
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_hugging_face_checkpoint_loads_the_same_weights(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    official = write_official(tmp_path / "mit_b0.pth", "b0")
+    path = tmp_path / f"model{suffix}"
+    renamed = hugging_face_names(official)
+    assert len(renamed) == len(official) + sum(".attn.kv." in k for k in official)
+    if suffix == ".bin":
+        torch.save(renamed, path)
+    else:
+        save_file(renamed, str(path))
+    own = mit("b0", pretrained=path).state_dict()
+    assert set(own) == set(official) - {"head.weight", "head.bias"}
+    for key, value in own.items():
+        assert torch.equal(value, official[key]), key
+
+
 def test_checkpoint_errors(tmp_path):
     b0 = tmp_path / "mit_b0.pth"
     write_official(b0, "b0")
@@ -257,6 +312,8 @@ def test_checkpoint_errors(tmp_path):
         mit("b0", depth=3)
     with pytest.raises(PipelineError, match="strides"):
         mit("b0", strides=(4, 2, 2))
+    with pytest.raises(PipelineError, match="too small"):
+        MixTransformer(**TINY)(torch.zeros(1, 3, 24, 64))
 
 
 # Encoder-only sizes (the ImageNet head excluded). SegFormer's Table 1 lists encoder parameters
