@@ -67,6 +67,9 @@ class OptimizerConfig:
     poly_power: float = checked(0.9, POSITIVE)
     warmup_steps: int = checked(0, NON_NEGATIVE)
     warmup_start: float = checked(1e-6, UNIT)    # lr factor at step 0 of the warm-up
+    # warmup_poly: the poly decay counts steps from 0 over the whole run (AFA / TSCD's PolyWarmupAdamW:
+    # the factor drops from 1 to (1 - warmup/max)^power at the warm-up's end), not from the warm-up's end
+    poly_from_zero: bool = False
 
 
 @dataclass
@@ -234,7 +237,7 @@ class RefinerSection:
 class SegInferenceConfig:
     """Multi-scale + flip inference of a single-stage network's segmentation head."""
     scales: list[float] = checked([1.0, 1.5, 1.25], SCALES)
-    flip_fuse: Literal["sum", "max"] = "sum"
+    flip_fuse: Literal["sum", "max", "mean"] = "sum"     # mean: AFA / TSCD
     scale_fuse: Literal["max", "sum"] = "max"
     resize_to: int = checked(0, NON_NEGATIVE)    # COCO: 448 (square resize first); 0 = native size
 
@@ -398,7 +401,31 @@ class ScdConfig:
 
 @dataclass
 class AffConfig:
-    """The affinity-from-attention head and loss of AFA / TSCD (methods/afa.md, tscd.md)."""
+    """The affinity-from-attention head and loss of AFA / TSCD (methods/afa.md §2-§3, tscd.md §2-§3;
+    engine/affinity_terms.py)."""
+    symmetrize: bool = True          # A + Aᵀ before the head's 1x1 conv: AFA yes, TSCD no
+    blocks: int = checked(0, NON_NEGATIVE)   # how many of the last stage's blocks feed the head; 0 = all
+    radius: int = checked(8, POSITIVE)        # pairs farther apart (rows or columns, stride-16 cells) are ignored
+    # AFA: from this iteration on, the segmentation target is the CAM propagated by the affinity of the
+    # largest CAM scale (one step, P masked to `radius`, ^power, / (column sum + eps)), refined and
+    # thresholded like the pseudo labels (afa.md §3.5); 0 = never (TSCD)
+    propagate_start: int = checked(0, NON_NEGATIVE)
+    propagate_power: float = checked(2.0, POSITIVE)
+    propagate_eps: float = checked(0.1, POSITIVE)
+
+
+@dataclass
+class MitConfig:
+    """The SegFormer network of AFA / TSCD (net/single_stage_mit.py; `backbone: mit_b1`)."""
+    strides: list[int] = checked([4, 2, 2, 1], (lambda v: len(v) == 4 and all(s > 0 for s in v),
+                                                "must be 4 positive strides"))
+    decoder_dim: int = checked(256, POSITIVE)          # the all-MLP decoder's embedding
+    decoder_dropout: float = checked(0.1, UNIT)
+    pool: Literal["gmp", "gap"] = "gmp"
+    norm_lr_mult: float = checked(0.0, NON_NEGATIVE)   # every encoder LayerNorm: 0 = frozen (AFA / TSCD)
+    norm_weight_decay: float = checked(0.0, NON_NEGATIVE)
+    seg_align_corners: bool = False    # segmentation logits -> crop upsampling: AFA False, TSCD True
+    sync_bn: bool = True               # the decoder's BatchNorm as SyncBN under torchrun (the reference's)
 
 
 @dataclass
@@ -428,6 +455,7 @@ class TrainNetConfig:
     fsr: FsrConfig = checked(FsrConfig())
     scd: ScdConfig = checked(ScdConfig())
     aff: AffConfig = checked(AffConfig())
+    mit: MitConfig = checked(MitConfig())
     optimizer: OptimizerConfig = checked(OptimizerConfig(kind="adamw", lr=6e-5, weight_decay=0.01,
                                                          schedule="warmup_poly", warmup_steps=1500))
     head_lr_mult: float = checked(10.0, POSITIVE)

@@ -123,8 +123,11 @@ def run(ctx) -> dict:
                                        views=section.losses.ctc.weight > 0)
     loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed,
                          key="train_net.batch_size")
-    encoder, heads = model.param_groups()
-    groups = [{"params": encoder, "lr_mult": 1.0}, {"params": heads, "lr_mult": section.head_lr_mult}]
+    if hasattr(model, "optimizer_groups"):      # the network's own groups (AFA/TSCD: frozen norms)
+        groups = model.optimizer_groups(section)
+    else:
+        encoder, heads = model.param_groups()
+        groups = [{"params": encoder, "lr_mult": 1.0}, {"params": heads, "lr_mult": section.head_lr_mult}]
     losses = SingleStageLoss(section, data, runtime)
     opt = section.optimizer
 
