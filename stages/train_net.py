@@ -116,14 +116,21 @@ def run(ctx) -> dict:
     ids = dataset.ids(data.train_split)
     args = model_args(section, dataset.num_classes)
     model = build_model(section.model, args).to(runtime.device)
-    train_set = SingleStageCropDataset(dataset, ids, section.crop_size, section.rescale, data.mean, data.std,
-                                       {"jitter_p": section.augment.jitter_p, "gray_p": section.augment.gray_p,
-                                        "blur_p": section.augment.blur_p}, seed=ctx.seed,
-                                       views=section.losses.ctc.weight > 0)
+    builder = model_builder(section.model)
+    if hasattr(builder, "train_dataset"):       # a method's own training views (FSR's two crops)
+        train_set = builder.train_dataset(section, dataset, ids, data, ctx.seed)
+    else:
+        train_set = SingleStageCropDataset(dataset, ids, section.crop_size, section.rescale, data.mean, data.std,
+                                           {"jitter_p": section.augment.jitter_p, "gray_p": section.augment.gray_p,
+                                            "blur_p": section.augment.blur_p}, seed=ctx.seed,
+                                           views=section.losses.ctc.weight > 0)
     loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed,
                          key="train_net.batch_size")
-    encoder, heads = model.param_groups()
-    groups = [{"params": encoder, "lr_mult": 1.0}, {"params": heads, "lr_mult": section.head_lr_mult}]
+    if hasattr(model, "optimizer_groups"):      # a method's own groups (FSR's weight-decay exclusions)
+        groups = model.optimizer_groups(section.optimizer.weight_decay, section.head_lr_mult)
+    else:
+        encoder, heads = model.param_groups()
+        groups = [{"params": encoder, "lr_mult": 1.0}, {"params": heads, "lr_mult": section.head_lr_mult}]
     losses = SingleStageLoss(section, data, runtime)
     opt = section.optimizer
 
