@@ -148,7 +148,7 @@ class FsrViewsDataset(Dataset):
         top, left, h, w = random_resized_box(*image.shape[:2], rng, scale=self.scale)
         window = resize(np.ascontiguousarray(image[top:top + h, left:left + w]), (self.crop, self.crop),
                         interpolation="bicubic")
-        view = _as_tensor(window)
+        view = _as_tensor(np.array(window))      # PIL's array is read-only
         if rng.random() < 0.5:
             view = view.flip(-1)
         view = photometric(view, rng, self.jitter_p, 0.0, 0.0)
