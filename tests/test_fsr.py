@@ -283,12 +283,13 @@ def _train(tmp_path, iterations=4, crash_at=None, monkeypatch=None):
     return state, summary
 
 
-def test_train_net_runs_fsr_and_resumes_to_the_same_teacher(tmp_path, monkeypatch):
+def test_train_net_runs_fsr_and_resumes_to_the_same_teacher(tmp_path, monkeypatch, caplog):
     torch.manual_seed(0)
-    state, _ = _train(tmp_path / "a")
+    with caplog.at_level("INFO", logger="wsss"):
+        state, _ = _train(tmp_path / "a")
+    last = [r.getMessage() for r in caplog.records if "step 4/4" in r.getMessage()]
+    assert last and all(f"{t} " in last[0] for t in ("dino_cls", "dino_patch", "ptc", "seg", "reg")), last
     assert state["kind"] == "fsr_vit"
-    history = torch.load(tmp_path / "a" / "sess" / "train_net_ckpt.pth", weights_only=False)["history"]
-    assert {"dino_cls", "dino_patch", "ptc", "seg", "reg"} <= set(history[-1]), history
     weights = state["state_dict"]
     assert any(k.startswith("teacher.module.") for k in weights) and "center_patch" in weights
     assert weights["center_cls"].abs().sum() > 0 and weights["center_patch"].abs().sum() > 0
@@ -298,3 +299,45 @@ def test_train_net_runs_fsr_and_resumes_to_the_same_teacher(tmp_path, monkeypatc
     resumed, _ = _train(tmp_path / "b", crash_at=3, monkeypatch=monkeypatch)
     for name, value in weights.items():
         torch.testing.assert_close(resumed["state_dict"][name], value, msg=name)
+
+
+def test_test_seg_head_scores_the_student_and_the_teacher(tmp_path):
+    from net.registry import save_model
+    from net.single_stage import segment_image
+    from pipeline.config import TestSegHeadConfig
+    from pipeline.metrics import confusion_matrix, miou_percent
+    from pipeline.runtime import Runtime
+    from pipeline.stage import StageContext
+    from stages.test_seg_head import score_variants
+
+    class Masked(TinyData):
+        class_names = ["background", "a", "b", "c"]
+
+        def eval_ids(self, split):
+            return self.ids(split)
+
+        def load_mask(self, image_id):
+            mask = np.zeros((40, 48), np.uint8)
+            mask[8:30, 10:36] = int(image_id[2:]) % 3 + 1
+            return mask
+
+    torch.manual_seed(0)
+    net = FsrNet(**TINY, use_teacher=True).eval()
+    with torch.no_grad():
+        for p in net.teacher.parameters():
+            p.add_(torch.randn_like(p))
+    cfg = load_config(REPO / "configs" / "demo_fsr.yaml")
+    ctx = StageContext(name="test_seg_head", section=TestSegHeadConfig(scales=[1.0]), data=cfg.data, seed=0,
+                       result_dir=tmp_path / "result", sess_dir=tmp_path / "sess",
+                       runtime=Runtime(device=torch.device("cpu")), fingerprint="fp")
+    ctx.__dict__["dataset"] = data = Masked()
+    save_model(ctx.artifacts.weights.path("net"), net, "fsr_vit", {**TINY, "use_teacher": True})
+    ctx.artifacts.metrics.write("test_seg_head", {"miou": 12.5, "n_images": 4})
+    scores = score_variants(ctx, "val", 12.5)
+    conf = np.zeros((4, 4), np.int64)
+    for i in data.ids("val"):
+        _, label = segment_image(_student := net.inference_variants()["student"], data.load_image(i), ctx.section,
+                                 cfg.data.mean, cfg.data.std, "cpu")
+        conf += confusion_matrix(label, data.load_mask(i), 4)
+    assert scores == {"miou_teacher": 12.5, "miou_student": round(miou_percent(conf), 3)}
+    assert ctx.artifacts.metrics.read("test_seg_head")["miou_student"] == scores["miou_student"]
