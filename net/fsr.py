@@ -142,20 +142,15 @@ class FsrOutput(NamedTuple):
 class FullEmaTeacher(nn.Module):
     """A full copy of the student network that never receives gradients (requires_grad False,
     forward under no_grad) and follows θ_t ← m·θ_t + (1 − m)·θ_s after every optimiser step.
-    It always runs in eval mode (no drop path), as DINO/iBOT build their teacher without drop path.
-    Buffers (e.g. BatchNorm statistics of a conv stem) are copied from the student."""
+    Its mode follows the network's, as in the reference (whose teacher stays in training mode,
+    drop path on, except during validation). Buffers (e.g. BatchNorm statistics of a conv stem)
+    are copied from the student."""
 
     def __init__(self, student: nn.Module):
         super().__init__()
         self.module = copy.deepcopy(student)
         for p in self.module.parameters():
             p.requires_grad_(False)
-        self.module.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.module.eval()
-        return self
 
     @torch.no_grad()
     def update(self, student: nn.Module, momentum: float, skip: str = "teacher.") -> None:
