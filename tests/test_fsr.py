@@ -93,7 +93,7 @@ def test_block_mask_matches_the_explicit_rule():
     torch.manual_seed(0)
     b, h, block, patch = 3, 448, 64, 16
     grid = E.block_grid(h, h, block, patch)
-    assert grid == (7, 7) and E.masked_count(49, 0.4) == 20
+    assert grid == (7, 7) and E.masked_count(49, 0.4) == 20 and E.masked_count(16, 0.4) == 7
     cams = torch.rand(b, 4, 448, 448)
     targets = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.float32)
     value = (cams * targets[:, :, None, None]).amax(1)
@@ -120,6 +120,41 @@ def test_block_mask_matches_the_explicit_rule():
         E.block_grid(450, 448, 64, 16)
 
 
+
+def test_view_two_is_masked_randomly_first_then_where_its_aux_cam_is_uncertain(monkeypatch):
+    """engine.fsr._mask: no CAM before mask_random_until; afterwards the uncertain blocks of view
+    2's multi-scale aux CAM (0.2 < max over the image's classes < 0.7) are masked first."""
+    from types import SimpleNamespace
+
+    import engine.multiscale
+
+    cfg = load_config(REPO / "configs" / "demo_fsr.yaml", ["train_net.crop_size=32", "train_net.fsr.mask_block=16",
+                                                           "train_net.fsr.mask_random_until=5"])
+    aux = torch.full((4, 3, 32, 32), 0.9)
+    aux[:, :, :16, :16] = 0.5          # blocks (0, 0) and (1, 1) uncertain
+    aux[:, :, 16:, 16:] = 0.3
+    aux[:, 2] = 0.5                    # a class the images do not have: ignored
+    calls = []
+
+    def fake_cams(cam_fn, images, scales, flip=True):
+        calls.append(images.shape)
+        return aux, aux
+
+    monkeypatch.setattr(engine.multiscale, "multiscale_cams", fake_cams)
+    targets = torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 1, 0], [1, 0, 0]])
+    aux[:, :, 16:, :16] = torch.where(targets[:, :, None, None] > 0, 0.95, 0.5)     # (1, 0): confident
+    second = torch.randn(4, 3, 32, 32)
+    for iteration, expect_cam in ((4, False), (5, True)):
+        step = SimpleNamespace(section=cfg.train_net, net=SimpleNamespace(patch_size=8, cam_pair=None),
+                               batch=(None,) * 4 + (second,), images=second, targets=targets, iteration=iteration)
+        calls.clear()
+        mask = E._mask(step)
+        assert mask.shape == (4, 4, 4) and bool(calls) == expect_cam
+        assert (mask.flatten(1).sum(1) == 8).all()          # 2 of 4 blocks, 2x2 tokens each
+        if expect_cam:
+            blocks = mask[:, ::2, ::2]
+            assert blocks[:, 0, 0].all() and blocks[:, 1, 1].all() and not blocks[:, 1, 0].any()
+
 # ----------------------------------------------------------------------------- schedules and losses
 
 def test_ema_momentum_is_cosine_and_the_teacher_follows_the_student():
@@ -129,10 +164,13 @@ def test_ema_momentum_is_cosine_and_the_teacher_follows_the_student():
     assert E.cosine_momentum(T, T) == pytest.approx(1.0)
     assert E.cosine_momentum(T // 4, T) == pytest.approx(1 - 0.0005 * (1 + math.cos(math.pi / 4)) / 2)
     torch.manual_seed(0)
-    net = FsrNet(**TINY, momentum=0.9)
+    net = FsrNet(**TINY, momentum=0.9, conv_stem=True)
     for p in net.parameters():
         if p.requires_grad:
             p.data.add_(torch.randn_like(p))
+    for name, b in net.named_buffers():
+        if name.endswith("running_mean") and not name.startswith("teacher."):
+            b.add_(1.0)                 # BatchNorm statistics (the conv stem): copied, not averaged
     before = {k: v.clone() for k, v in net.teacher.module.state_dict().items()}
     student = {k: v.clone() for k, v in net.state_dict().items()}
     net.after_step(51, 100)            # the step of iteration 50
@@ -140,6 +178,8 @@ def test_ema_momentum_is_cosine_and_the_teacher_follows_the_student():
     for name, p in net.teacher.module.named_parameters():
         torch.testing.assert_close(p, m * before[name] + (1 - m) * student[name])
         assert not p.requires_grad
+    for name, b in net.teacher.module.named_buffers():
+        torch.testing.assert_close(b, student[name])
     assert 0.9 < m < 1.0
 
 
@@ -208,7 +248,7 @@ def test_class_token_stays_out_of_the_blocks_and_the_mask_token_replaces_patches
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         a = net.backbone(x)
-        net.backbone.vit.cls_token.add_(1.0)
+        net.backbone.vit.cls_token.add_(torch.randn_like(net.backbone.vit.cls_token))   # not a constant: LN removes it
         b = net.backbone(x)
         torch.testing.assert_close(a.patch, b.patch)          # the blocks never saw the class token
         assert not torch.allclose(a.cls_token, b.cls_token)
