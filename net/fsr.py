@@ -239,6 +239,14 @@ class FsrNet(SingleStageNet):
                 "momentum": f.momentum, "use_teacher": f.use_teacher, **section.model_kwargs}
 
     @classmethod
+    def check_config(cls, section) -> None:
+        """Refuse, before anything runs, a crop the mask blocks do not tile."""
+        f = section.fsr
+        if section.crop_size % f.mask_block:
+            raise PipelineError(f"train_net.fsr.mask_block {f.mask_block} does not tile train_net.crop_size "
+                                f"{section.crop_size} (FSR masks view 2 by whole blocks)")
+
+    @classmethod
     def train_dataset(cls, section, dataset, ids, data, seed: int):
         """FSR's training views: two independent RandomResizedCrops per image (fsr.md §4)."""
         from engine.fsr import FsrViewsDataset

@@ -158,6 +158,9 @@ def check(ctx) -> None:
     section = ctx.section
     for name in used_terms(section):
         get_term(name)          # a term this version lacks is an error before anything runs
+    builder = model_builder(section.model)
+    if hasattr(builder, "check_config"):        # a method's own config rules (FSR's mask grid)
+        builder.check_config(section)
     if section.losses.ctc.weight > 0 and section.ctc.local_crops and section.ctc.local_size >= section.crop_size:
         raise PipelineError(f"train_net.ctc.local_size: {section.ctc.local_size}-px local crops need a larger "
                             f"train_net.crop_size than {section.crop_size}")

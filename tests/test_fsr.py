@@ -66,6 +66,10 @@ def test_fsr_voc12_builds_the_published_network():
     coco = load_config(REPO / "configs" / "fsr_coco.yaml")
     assert coco.train_net.iterations == 80000 and coco.train_net.fsr.mask_random_until == 16000
     assert (coco.train_net.losses.seg.start, coco.train_net.losses.ptc.start) == (8000, 12000)
+    from stages.train_net import check
+    bad = load_config(REPO / "configs" / "fsr_voc12.yaml", ["train_net.crop_size=480"])
+    with pytest.raises(Exception, match="train_net.fsr.mask_block 64"):
+        check(type("Ctx", (), {"section": bad.train_net})())
     demo = load_config(REPO / "configs" / "demo_fsr.yaml")
     assert demo.method == "fsr" and demo.train_net.crop_size % demo.train_net.fsr.mask_block == 0
 
