@@ -43,23 +43,27 @@ def run(ctx) -> dict:
     runtime.barrier()
     summary = score_split(ctx, split, ids, predictions, len(todo))
     if "metrics" in summary:
-        summary["metrics"].update(score_variants(ctx, split, summary["metrics"]["miou"]))
+        summary["metrics"].update(score_variants(ctx, split, summary["metrics"]["miou"], model))
     return summary
 
 
-def score_variants(ctx, split: str, primary_miou: float) -> dict:
+def score_variants(ctx, split: str, primary_miou: float, model=None) -> dict:
     """A model that names inference variants (`inference_variants()` -> {name: net}, the one the
     artifacts come from in `inference_variant`; FSR: student and teacher) gets every variant
-    scored on the same images: {"miou_<name>": mIoU} (the others computed here, not written)."""
+    scored on the same images: {"miou_<name>": mIoU} (the others computed here, not written).
+    `model`: the loaded network, or None to load it."""
     import numpy as np
 
     from net.registry import builder_of
     from pipeline.metrics import confusion_matrix, miou_percent
 
     path = ctx.artifacts.weights.path("net")
-    if not hasattr(builder_of(read_model_file(path, "cpu")["kind"]), "inference_variants"):
+    if model is None:
+        if not hasattr(builder_of(read_model_file(path, "cpu")["kind"]), "inference_variants"):
+            return {}
+        model = load_model(path, ctx.device, expect=single_stage_kinds())
+    if not hasattr(model, "inference_variants"):
         return {}
-    model = load_model(path, ctx.device, expect=single_stage_kinds())
     dataset, n = ctx.dataset, len(ctx.dataset.class_names)
     scores = {f"miou_{model.inference_variant}": primary_miou}
     for name, net in model.inference_variants().items():
