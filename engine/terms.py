@@ -29,7 +29,7 @@ PrepareFn = Callable[["Step"], dict]
 _TERMS: dict[str, TermFn] = {}
 _PREPARE: dict[str, PrepareFn] = {}
 # modules whose import registers more terms (the other methods' parts)
-TERM_MODULES: tuple[str, ...] = ("engine.affinity_terms",)
+TERM_MODULES: tuple[str, ...] = ("engine.fsr", "engine.affinity_terms")
 
 
 def register_term(name: str, prepare: PrepareFn | None = None):

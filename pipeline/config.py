@@ -391,7 +391,27 @@ class RegConfig:
 
 @dataclass
 class FsrConfig:
-    """FSR's parts (methods/fsr.md): EMA teacher, uncertainty-guided masking, DINO losses."""
+    """FSR's parts (methods/fsr.md): EMA teacher, uncertainty-guided masking, DINO losses. The
+    defaults are the published VOC run (fsr.md §5, §10); the loss weights are
+    train_net.losses.dino_cls / dino_patch (0.1 each, `end` = the reference's fsr_iters)."""
+    # the DINO projector on the aggregated token and every patch token (fsr.md §1.3)
+    projection: dict[str, Any] = checked({"hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 4096, "num_layers": 3})
+    aggregator_depth: int = checked(2, POSITIVE)     # cross-attention blocks class token <- patches (cls_depth)
+    drop_path: float = checked(0.1, UNIT)            # stochastic depth, linear over the blocks to this value
+    momentum: float = checked(0.9995, MOMENTUM)      # EMA teacher: cosine from this to 1 over all iterations
+    use_teacher: bool = False                        # inference stages use the teacher (test_seg_head scores both)
+    mask_block: int = checked(64, POSITIVE)          # block size in pixels (4x4 tokens of 16 px)
+    mask_ratio: float = checked(0.4, UNIT)           # ceil(blocks x ratio) blocks masked per image (49 -> 20)
+    mask_random_until: int = checked(4000, NON_NEGATIVE)   # random blocks before (max_iters/5), uncertain after
+    mask_low: float = checked(0.2, UNIT)             # uncertain: low < max_c(aux CAM of view 2) < high
+    mask_high: float = checked(0.7, UNIT)
+    student_temp: float = checked(0.1, POSITIVE)
+    teacher_temp_start: float = checked(0.04, POSITIVE)    # linear to teacher_temp over teacher_temp_warmup
+    teacher_temp: float = checked(0.07, POSITIVE)
+    teacher_temp_warmup: int = checked(2500, NON_NEGATIVE)  # max_iters/8
+    center_momentum: float = checked(0.9, MOMENTUM)  # the teacher centres' EMA
+    view_scale: list[float] = checked([0.32, 1.0], RANGE)  # RandomResizedCrop area range of both views
+    jitter_p: float = checked(0.5, UNIT)             # colour jitter probability of each view
 
 
 @dataclass
