@@ -165,7 +165,13 @@ def image_for_refiner(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN_255,
     (truncation, toco.md §11), / 255.
 
     Values outside 0..255 are clamped first (a uint8 cast of those is undefined).
+    `mean`/`std` are on the 0..255 scale: the data config's 0..1 values times 255. Given
+    the 0..1 values, every pixel would truncate to 0 and the refiner would see a black
+    image (its kernel then a plain blur), so those are refused.
     """
+    if max(abs(float(v)) for v in (*mean, *std)) <= 1.0:
+        raise ValueError(f"image_for_refiner: mean {list(mean)} / std {list(std)} look like the 0..1 scale; "
+                         "give them on the 0..255 scale (x 255)")
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device)[None, :, None, None]
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device)[None, :, None, None]
     pixels = (images * std_t + mean_t).clamp(0, 255).trunc()

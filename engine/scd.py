@@ -132,10 +132,11 @@ def scd_term(step: Step) -> Tensor:
     else:
         seg_b = step.model(view).seg      # a second forward (the references' way)
     size_a, size_b = step.images.shape[-2:], view.shape[-2:]
-    if cfg.seg_align_corners:
-        seg_a = F.interpolate(step.out.seg.float(), size=size_a, mode="bilinear", align_corners=True)
+    if cfg.seg_align_corners == bool(getattr(step.net, "seg_align_corners", False)):
+        seg_a = step.seg_logits()          # the same upsampling as the seg / reg terms: shared
     else:
-        seg_a = step.seg_logits()          # shared with the seg / reg terms
+        seg_a = F.interpolate(step.out.seg.float(), size=size_a, mode="bilinear",
+                              align_corners=cfg.seg_align_corners)
     seg_b = F.interpolate(seg_b.float(), size=size_b, mode="bilinear", align_corners=cfg.seg_align_corners)
     batch, device = len(step.images), step.images.device
     points_a = random_points(batch, cfg.samples, device)

@@ -110,7 +110,7 @@ def multiscale_seg_logits(model: SingleStageNet, images: Tensor, scales, flip_fu
                           scale_fuse: str = "max") -> Tensor:
     """The papers' segmentation inference: per scale, the segmentation logits of the image and
     its mirror image, upsampled to the input size and fused (`flip_fuse`: the mirror's map
-    flipped back and summed, ToCo VOC, or maxed, ToCo COCO); then the scales fused (`scale_fuse`:
+    flipped back and summed, ToCo VOC, maxed, ToCo COCO, or averaged, AFA / TSCD); then the scales fused (`scale_fuse`:
     element-wise max, VOC, or sum, COCO). images (B, 3, H, W) -> logits (B, C + 1, H, W)."""
     height, width = images.shape[-2:]
     fused = None
@@ -121,7 +121,10 @@ def multiscale_seg_logits(model: SingleStageNet, images: Tensor, scales, flip_fu
         logits = model.segment(torch.cat([x, x.flip(-1)]))
         logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
         own, mirrored = logits[:len(images)], logits[len(images):].flip(-1)
-        at_scale = own + mirrored if flip_fuse == "sum" else torch.maximum(own, mirrored)
+        if flip_fuse == "max":
+            at_scale = torch.maximum(own, mirrored)
+        else:
+            at_scale = own + mirrored if flip_fuse == "sum" else (own + mirrored) / 2
         if fused is None:
             fused = at_scale
         else:

@@ -66,8 +66,10 @@ def cam_refine_labels(refiner, image: np.ndarray, cam: dict, num_classes: int, t
     keys = torch.as_tensor(cam["keys"], dtype=torch.long)
     cams[0, keys] = torch.from_numpy(cam["high_res"])
     present[0, keys] = 1
-    label = refine_cams_with_refiner(refiner, image_for_refiner(x, mean, std), cams, present, thresholds.high,
-                                     thresholds.low, [[0, h, 0, w]], down_scale=down_scale)
+    # the data config's mean/std are on the 0..1 scale, the refiner's input function wants 0..255
+    rgb = image_for_refiner(x, [255 * m for m in mean], [255 * s for s in std])
+    label = refine_cams_with_refiner(refiner, rgb, cams, present, thresholds.high, thresholds.low, [[0, h, 0, w]],
+                                     down_scale=down_scale)
     return label[0].numpy().astype(np.uint8)
 
 

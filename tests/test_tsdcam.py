@@ -272,6 +272,43 @@ def test_the_view_goes_through_the_forward_and_the_term_falls_back_to_a_second_c
         scd_prepare(step)
 
 
+@pytest.mark.parametrize("corners", [True, False])
+def test_scd_term_on_the_mit_network_with_its_upsampling(corners):
+    """TSCD reuses the term on its MiT network (stride-4 logits, align_corners=True upsampling):
+    the term equals scd_loss on the logits upsampled with the configured flag."""
+    from engine.scd import scd_prepare, scd_term
+    from engine.terms import Step
+    from pipeline.config import TrainNetConfig
+
+    class Engine:
+        def online_cams(self, net, images):
+            cams = torch.rand(len(images), 3, *images.shape[-2:])
+            return cams, cams
+
+    torch.manual_seed(0)
+    net = build_model("single_stage_mit", {"variant": "b0", "num_classes": 3, "decoder_dim": 8,
+                                           "seg_align_corners": True, "embed_dims": [8, 16, 16, 24],
+                                           "num_heads": [1, 1, 2, 3], "depths": [1, 1, 1, 1]})
+    section = TrainNetConfig()
+    section.scd.samples, section.scd.seg_align_corners = 4, corners
+    images = torch.randn(2, 3, 128, 128)
+    step = Step(net, net, images, torch.ones(2, 3), torch.tensor([[0, 128, 0, 128]] * 2), None, 5000, section,
+                None, Engine())
+    step.out = net(images, **scd_prepare(step))
+    assert step.out.view_seg[0].shape == (2, 4, 10, 10)        # stride 4 of the 38-px view
+    state = torch.get_rng_state()
+    loss = scd_term(step)
+    torch.set_rng_state(state)
+    points_a, points_b = random_points(2, 4), random_points(2, 4)
+    up = lambda x, size: F.interpolate(x, size=size, mode="bilinear", align_corners=corners)  # noqa: E731
+    expected = scd_loss(step.cams(), step.kept("scd_view_cams"), up(step.out.seg, (128, 128)),
+                        up(step.out.view_seg[0], (38, 38)), points_a, points_b)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert net.decoder.linear_pred.weight.grad.abs().sum() > 0
+    assert net.classifier.classifier.weight.grad is None
+
+
 def test_train_net_runs_a_few_iterations_with_scd(tmp_path, caplog):
     from dataset.demo import generate_demo_data
     from pipeline.methods import get_method
