@@ -109,10 +109,12 @@ def scd_prepare(step: Step) -> dict:
     cfg = step.section.scd
     height, width = step.images.shape[-2:]
     smallest = min(height, width) * cfg.view_scale * min(step.section.cam_scales)
-    if smallest < getattr(step.net, "patch_size", 1):
+    # the network's smallest input: one patch for a ViT, the spatial reductions' 32 px for MiT
+    least = getattr(step.net, "min_input_size", getattr(step.net, "patch_size", 1))
+    if smallest < least:
         raise PipelineError(f"train_net.scd.view_scale: a {cfg.view_scale} x view of a {height}x{width} crop, at CAM "
-                            f"scale {min(step.section.cam_scales)}, is {smallest:.0f} px, smaller than one "
-                            f"{getattr(step.net, 'patch_size', 1)}-px patch; raise train_net.crop_size or the scale")
+                            f"scale {min(step.section.cam_scales)}, is {smallest:.0f} px, smaller than the "
+                            f"{least} px the network takes; raise train_net.crop_size or the scale")
     view = step.keep("scd_view", small_view(step.images, cfg.view_scale, cfg.view_align_corners))
     step.cams()
     step.keep("scd_view_cams", _first(step.engine.online_cams(step.net, view)))

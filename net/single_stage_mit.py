@@ -191,6 +191,15 @@ class SingleStageMiT(nn.Module):
         """Input pixels per cell of the CAM grid (the product of the encoder's strides)."""
         return int(math.prod(self.encoder.strides))
 
+    @property
+    def min_input_size(self) -> int:
+        """The smallest input side the encoder takes: every stage's token grid must cover its
+        spatial-reduction ratio (32 px for the usual layouts)."""
+        enc, size = self.encoder, 1
+        for i, sr in enumerate(enc.sr_ratios):
+            size = max(size, int(math.prod(enc.strides[:i + 1])) * (sr if sr > 1 else 1))
+        return size
+
     # -- optimiser -------------------------------------------------------------------------
     def named_groups(self) -> dict[str, list[nn.Parameter]]:
         """AFA's four parameter groups (afa.md §6): encoder weights; every encoder parameter whose

@@ -325,3 +325,14 @@ def test_flip_mean_halves_the_flip_sum():
     summed = multiscale_seg_logits(Net(), images, [1.0, 0.5], "sum", "max")
     mean = multiscale_seg_logits(Net(), images, [1.0, 0.5], "mean", "max")
     torch.testing.assert_close(mean, summed / 2)
+
+
+def test_min_input_size_is_the_smallest_side_the_encoder_takes():
+    """32 px for strides (4, 2, 2, 1) and reductions (8, 4, 2, 1): 32 runs, 28 is refused (the scd
+    term checks its small view against this number before it builds the view)."""
+    net = _tiny_net(symmetrize=False)
+    assert net.min_input_size == 32
+    with torch.no_grad():
+        net(torch.rand(1, 3, 32, 32))
+        with pytest.raises(PipelineError, match="too small"):
+            net(torch.rand(1, 3, 28, 28))

@@ -291,6 +291,7 @@ def test_scd_term_on_the_mit_network_with_its_upsampling(corners):
                                            "num_heads": [1, 1, 2, 3], "depths": [1, 1, 1, 1]})
     section = TrainNetConfig()
     section.scd.samples, section.scd.seg_align_corners = 4, corners
+    section.cam_scales = [1.0]                 # the view's CAMs at 38 px: MiT takes >= 32
     images = torch.randn(2, 3, 128, 128)
     step = Step(net, net, images, torch.ones(2, 3), torch.tensor([[0, 128, 0, 128]] * 2), None, 5000, section,
                 None, Engine())
