@@ -145,7 +145,7 @@ class SingleStageMiT(nn.Module):
         """The model arguments of a train_net section: `backbone` (mit_b0..mit_b5), `pretrained`,
         `mit` (strides, decoder, pooling), `aff` (symmetrize, blocks), `model_kwargs` (MiT overrides)."""
         losses = section.losses
-        for name, why in (("cls_aux", "an auxiliary classifier"), ("ctc", "a class token"),
+        for name, why in (("cls_aux", "auxiliary classifier"), ("ctc", "class token"),
                           ("ptc", "ViT patch tokens (use aff, the attention affinity loss)")):
             if getattr(losses, name).weight > 0:
                 raise PipelineError(f"train_net.losses.{name}: the single_stage_mit network has no {why}; "
