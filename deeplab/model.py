@@ -61,25 +61,29 @@ class DeepLabV2(nn.Module):
     """Dilated ResNet + ASPP. `forward(x)` gives logits (B, num_classes,
     ceil(H/8), ceil(W/8)), not upsampled.
 
-    BatchNorm is frozen: running statistics are never updated (`train()` keeps
-    every BatchNorm layer in eval mode) and the affine parameters have
-    `requires_grad=False`, as in the reference, whose optimiser only sees the
-    convolution weights.
+    `freeze_bn=True` (the reference): BatchNorm is frozen, running statistics
+    are never updated (`train()` keeps every BatchNorm layer in eval mode) and
+    the affine parameters have `requires_grad=False`; the reference's optimiser
+    only sees the convolution weights. `freeze_bn=False` normalises with batch
+    statistics in training and trains the affine parameters: only for backbones
+    without pre-training on a large data set (the CPU demo's), whose statistics
+    are those of a few hundred small batches and must move with the weights.
     """
 
     output_stride = 8
 
     def __init__(self, backbone: str = "resnet101", num_classes: int = 21,
-                 pretrained: bool | str = False, rates=(6, 12, 18, 24), dilate_first_block: bool = True):
+                 pretrained: bool | str = False, rates=(6, 12, 18, 24), dilate_first_block: bool = True,
+                 freeze_bn: bool = True):
         super().__init__()
         self.backbone = create_timm_model(backbone, pretrained, output_stride=self.output_stride,
                                           num_classes=0, global_pool="")
         if dilate_first_block:
             dilate_first_blocks(self.backbone)
         self.aspp = ASPP(self.backbone.num_features, num_classes, rates)
-        self.num_classes = num_classes
+        self.num_classes, self.freeze_bn = num_classes, freeze_bn
         for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if freeze_bn and isinstance(module, nn.modules.batchnorm._BatchNorm):
                 for parameter in module.parameters():
                     parameter.requires_grad_(False)
         self.train()
@@ -89,6 +93,8 @@ class DeepLabV2(nn.Module):
 
     def train(self, mode: bool = True) -> "DeepLabV2":
         super().train(mode)
+        if not self.freeze_bn:
+            return self
         for module in self.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
@@ -197,11 +203,11 @@ def load_deeplab_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[st
 
 @register_model("deeplab")
 def build_deeplab(backbone: str = "resnet101", num_classes: int = 21, pretrained: bool | str = False,
-                  msc_scales=(0.75, 0.5), dilate_first_block: bool = True) -> MSC:
+                  msc_scales=(0.75, 0.5), dilate_first_block: bool = True, freeze_bn: bool = True) -> MSC:
     """MSC(DeepLabV2). `pretrained` may be a local file: a DeepLab checkpoint or backbone weights."""
     local = isinstance(pretrained, str) and pretrained.lower() not in ("true", "false")
     base = DeepLabV2(backbone, num_classes=num_classes, pretrained=False if local else pretrained,
-                     dilate_first_block=dilate_first_block)
+                     dilate_first_block=dilate_first_block, freeze_bn=freeze_bn)
     if local:
         load_deeplab_checkpoint(base, pretrained)
     return MSC(base, scales=tuple(msc_scales))

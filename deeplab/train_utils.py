@@ -16,10 +16,12 @@ IGNORE_INDEX = 255
 IMAGENET_MEAN_RGB = (124, 116, 104)
 
 
-def param_groups(model: nn.Module, base_lr: float, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, base_lr: float, weight_decay: float, head_lr_mult: float = 10.0,
+                 head_bias_lr_mult: float = 20.0) -> list[dict]:
     """SGD parameter groups of the DeepLabv2 recipe (Caffe's lr_mult/decay_mult):
-    backbone weights lr x1 with weight decay, ASPP weights x10 with weight
-    decay, ASPP biases x20 without weight decay.
+    backbone weights lr x1 with weight decay, ASPP weights x`head_lr_mult`
+    (10) with weight decay, ASPP biases x`head_bias_lr_mult` (20) without
+    weight decay.
 
     Works on a DeepLabV2 or an MSC around one. Frozen parameters (BatchNorm)
     are left out; any other trainable parameter is an error, so that nothing
@@ -28,8 +30,8 @@ def param_groups(model: nn.Module, base_lr: float, weight_decay: float) -> list[
     """
     groups = {
         "backbone": {"params": [], "lr_mult": 1.0, "weight_decay": weight_decay},
-        "aspp_weight": {"params": [], "lr_mult": 10.0, "weight_decay": weight_decay},
-        "aspp_bias": {"params": [], "lr_mult": 20.0, "weight_decay": 0.0},
+        "aspp_weight": {"params": [], "lr_mult": float(head_lr_mult), "weight_decay": weight_decay},
+        "aspp_bias": {"params": [], "lr_mult": float(head_bias_lr_mult), "weight_decay": 0.0},
     }
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:

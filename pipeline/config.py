@@ -296,8 +296,14 @@ class TrainDeeplabConfig:
     # The reference dilates every block of layer3 (2) and layer4 (4), the first included; timm
     # leaves the first block of each at the previous rate.
     dilate_first_block: bool = True
+    # The reference freezes BatchNorm (statistics and affine); false trains it with batch
+    # statistics: only for backbones without large-scale pre-training (the CPU demo).
+    freeze_bn: bool = True
     msc_scales: list[float] = checked([0.75, 0.5], SCALES)
     optimizer: OptimizerConfig = checked(OptimizerConfig(lr=2.5e-4, momentum=0.9, weight_decay=5e-4))
+    # lr multipliers of the ASPP weights and biases (the reference's Caffe lr_mult 10 and 20)
+    head_lr_mult: float = checked(10.0, POSITIVE)
+    head_bias_lr_mult: float = checked(20.0, POSITIVE)
     amp: bool = False
     checkpoint_every: int = checked(1000, POSITIVE)
     log_every: int = checked(20, POSITIVE)

@@ -21,7 +21,8 @@ log = logging.getLogger("wsss")
 
 def model_args(section, num_labels: int) -> dict:
     return {"backbone": section.backbone, "num_classes": num_labels, "pretrained": section.pretrained,
-            "msc_scales": list(section.msc_scales), "dilate_first_block": section.dilate_first_block}
+            "msc_scales": list(section.msc_scales), "dilate_first_block": section.dilate_first_block,
+            "freeze_bn": section.freeze_bn}
 
 
 def run(ctx) -> dict:
@@ -47,7 +48,8 @@ def run(ctx) -> dict:
         images, labels = batch[0].to(runtime.device), batch[1].to(runtime.device)
         return {"loss": msc_loss([o.float() for o in trainer_model(images)], labels)}
 
-    history = Trainer(ctx, model, loader, optimizer_from_config(opt, param_groups(model, opt.lr, opt.weight_decay)),
+    history = Trainer(ctx, model, loader, optimizer_from_config(opt, param_groups(model, opt.lr, opt.weight_decay, section.head_lr_mult,
+                                                                    section.head_bias_lr_mult)),
                       losses, max_steps=section.iterations, base_lr=opt.lr, schedule=schedule_from_config(opt),
                       lr_key="train_deeplab.optimizer.lr", accumulation=section.accumulation, amp=section.amp,
                       checkpoint_every=section.checkpoint_every, log_every=section.log_every).fit()
