@@ -29,7 +29,7 @@ PrepareFn = Callable[["Step"], dict]
 _TERMS: dict[str, TermFn] = {}
 _PREPARE: dict[str, PrepareFn] = {}
 # modules whose import registers more terms (the other methods' parts)
-TERM_MODULES: tuple[str, ...] = ()
+TERM_MODULES: tuple[str, ...] = ("engine.fsr", "engine.affinity_terms", "engine.scd")
 
 
 def register_term(name: str, prepare: PrepareFn | None = None):
@@ -45,10 +45,33 @@ def register_term(name: str, prepare: PrepareFn | None = None):
     return decorator
 
 
-def get_term(name: str) -> tuple[TermFn, PrepareFn | None]:
-    """(term, its prepare or None)."""
+LabelHook = Callable[["Step", Tensor], "Tensor | None"]
+_LABEL_HOOKS: list[LabelHook] = []
+
+
+def register_label_hook(fn: LabelHook) -> LabelHook:
+    """`fn(step, labels) -> labels or None` may rewrite an iteration's segmentation target (what
+    `Step.seg_labels` gives the seg and reg terms; AFA's affinity-propagated labels). Every
+    registered hook runs, in registration order, and reads the config itself to decide whether
+    it is on (None: unchanged)."""
+    if fn not in _LABEL_HOOKS:
+        _LABEL_HOOKS.append(fn)
+    return fn
+
+
+def _load_term_modules() -> None:
     for module in TERM_MODULES:
         importlib.import_module(module)
+
+
+def label_hooks() -> tuple[LabelHook, ...]:
+    _load_term_modules()
+    return tuple(_LABEL_HOOKS)
+
+
+def get_term(name: str) -> tuple[TermFn, PrepareFn | None]:
+    """(term, its prepare or None)."""
+    _load_term_modules()
     if name not in _TERMS:
         raise PipelineError(f"train_net.losses.{name}: no such loss term in this version of the toolkit "
                             f"(terms: {', '.join(sorted(_TERMS))})")
@@ -107,10 +130,23 @@ class Step:
         return self._once("labels", lambda: self.engine.pseudo_labels(self.images, self.cams(), self.targets,
                                                                       self.boxes))
 
+    def seg_labels(self) -> Tensor:
+        """The segmentation target (B, H, W): the pseudo labels, as rewritten by any label hook
+        that is on (`register_label_hook`)."""
+        def make() -> Tensor:
+            labels = self.pseudo_labels()
+            for hook in label_hooks():
+                rewritten = hook(self, labels)
+                labels = labels if rewritten is None else rewritten
+            return labels
+        return self._once("seg_labels", make)
+
     def seg_logits(self) -> Tensor:
-        """The segmentation logits upsampled to the input size (with gradient)."""
+        """The segmentation logits upsampled to the input size (with gradient), bilinearly with the
+        network's `seg_align_corners` (default False; TSCD True)."""
+        corners = bool(getattr(self.net, "seg_align_corners", False))
         return self._once("seg", lambda: F.interpolate(self.out.seg.float(), size=self.images.shape[-2:],
-                                                       mode="bilinear", align_corners=False))
+                                                       mode="bilinear", align_corners=corners))
 
 
 # ----------------------------------------------------------------------------- ToCo's terms
@@ -142,7 +178,7 @@ def ptc_term(step: Step) -> Tensor:
 def seg_term(step: Step) -> Tensor:
     from engine.losses import balanced_seg_ce
 
-    return balanced_seg_ce(step.seg_logits(), step.pseudo_labels())
+    return balanced_seg_ce(step.seg_logits(), step.seg_labels())
 
 
 @register_term("reg")
@@ -150,7 +186,7 @@ def reg_term(step: Step) -> Tensor:
     from engine.regulariser import dense_energy_loss
 
     r = step.section.reg
-    return dense_energy_loss(step.images, torch.softmax(step.seg_logits(), dim=1), step.pseudo_labels(),
+    return dense_energy_loss(step.images, torch.softmax(step.seg_logits(), dim=1), step.seg_labels(),
                              step.boxes, step.data.mean, step.data.std, sigma_rgb=r.sigma_rgb, sigma_xy=r.sigma_xy,
                              scale=r.scale, weight=r.inner_weight, max_pixels=r.max_pixels)
 

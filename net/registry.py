@@ -24,7 +24,8 @@ from pipeline.errors import PipelineError
 _BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {}
 # Modules whose import registers the built-in kinds (imported on first look-up, so that this
 # module imports none of them and there is no import circle).
-_BUILTIN_MODULES = ("net.resnet_cam", "net.vit_cam", "net.irn", "deeplab.model", "net.single_stage")
+_BUILTIN_MODULES = ("net.resnet_cam", "net.vit_cam", "net.irn", "deeplab.model", "net.single_stage",
+                    "net.single_stage_mit", "net.fsr")
 
 
 def register_model(kind: str):

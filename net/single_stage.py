@@ -31,6 +31,7 @@ class SingleStageOutput(NamedTuple):
     cls_token: Tensor       # (B, D)
     view_cls: Tensor | None = None    # (B, V, D) class tokens of the input and the extra views (CTC)
     projected: Tensor | None = None   # (B, V, P) the projection head on them
+    view_seg: list[Tensor] | None = None   # seg logits (B, C + 1, h', w') of each of `seg_views` (SCD)
 
 
 @register_model("single_stage_vit")
@@ -58,10 +59,13 @@ class SingleStageNet(nn.Module):
             self.teacher_projection = EMA(self.projection, projection_momentum)
         self.num_classes = num_classes
 
-    def forward(self, images: Tensor, views: list[Tensor] | None = None) -> SingleStageOutput:
+    def forward(self, images: Tensor, views: list[Tensor] | None = None,
+                seg_views: list[Tensor] | None = None) -> SingleStageOutput:
         """`views`: more inputs (each (B, 3, h, w), any size) whose class tokens go, after the
         input's own, through the projection head: `projected` (B, 1 + Σ views per image, P),
-        view-major within each image (CTC's student). Inside forward, so that DDP sees them."""
+        view-major within each image (CTC's student). `seg_views`: more inputs whose segmentation
+        logits come back in `view_seg` (the SCD term's second view, engine/scd.py). Both inside
+        forward, so that DDP sees them."""
         features = self.backbone(images)
         logits, cams = self.classifier(features.patch)
         aux_logits, aux_cams = self.aux_classifier(features.aux)
@@ -71,8 +75,9 @@ class SingleStageNet(nn.Module):
                 raise ValueError("views given to a network built without a projection head")
             view_cls = torch.cat([features.cls_token[:, None]] + [self.view_tokens(v, len(images)) for v in views], 1)
             projected = self.projection(view_cls)
+        view_seg = [self.segment(view) for view in seg_views] if seg_views else None
         return SingleStageOutput(logits, aux_logits, cams, aux_cams, self.seg_head(features.patch),
-                                 features.patch, features.cls_token, view_cls, projected)
+                                 features.patch, features.cls_token, view_cls, projected, view_seg)
 
     def view_tokens(self, view: Tensor, batch: int) -> Tensor:
         """Class tokens (B, n, D) of a view batch laid out image-major (B * n, 3, h, w)."""
@@ -105,7 +110,7 @@ def multiscale_seg_logits(model: SingleStageNet, images: Tensor, scales, flip_fu
                           scale_fuse: str = "max") -> Tensor:
     """The papers' segmentation inference: per scale, the segmentation logits of the image and
     its mirror image, upsampled to the input size and fused (`flip_fuse`: the mirror's map
-    flipped back and summed, ToCo VOC, or maxed, ToCo COCO); then the scales fused (`scale_fuse`:
+    flipped back and summed, ToCo VOC, maxed, ToCo COCO, or averaged, AFA / TSCD); then the scales fused (`scale_fuse`:
     element-wise max, VOC, or sum, COCO). images (B, 3, H, W) -> logits (B, C + 1, H, W)."""
     height, width = images.shape[-2:]
     fused = None
@@ -116,7 +121,10 @@ def multiscale_seg_logits(model: SingleStageNet, images: Tensor, scales, flip_fu
         logits = model.segment(torch.cat([x, x.flip(-1)]))
         logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
         own, mirrored = logits[:len(images)], logits[len(images):].flip(-1)
-        at_scale = own + mirrored if flip_fuse == "sum" else torch.maximum(own, mirrored)
+        if flip_fuse == "max":
+            at_scale = torch.maximum(own, mirrored)
+        else:
+            at_scale = own + mirrored if flip_fuse == "sum" else (own + mirrored) / 2
         if fused is None:
             fused = at_scale
         else:

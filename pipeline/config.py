@@ -67,6 +67,9 @@ class OptimizerConfig:
     poly_power: float = checked(0.9, POSITIVE)
     warmup_steps: int = checked(0, NON_NEGATIVE)
     warmup_start: float = checked(1e-6, UNIT)    # lr factor at step 0 of the warm-up
+    # warmup_poly: the poly decay counts steps from 0 over the whole run (AFA / TSCD's PolyWarmupAdamW:
+    # the factor drops from 1 to (1 - warmup/max)^power at the warm-up's end), not from the warm-up's end
+    poly_from_zero: bool = False
 
 
 @dataclass
@@ -234,7 +237,7 @@ class RefinerSection:
 class SegInferenceConfig:
     """Multi-scale + flip inference of a single-stage network's segmentation head."""
     scales: list[float] = checked([1.0, 1.5, 1.25], SCALES)
-    flip_fuse: Literal["sum", "max"] = "sum"
+    flip_fuse: Literal["sum", "max", "mean"] = "sum"     # mean: AFA / TSCD
     scale_fuse: Literal["max", "sum"] = "max"
     resize_to: int = checked(0, NON_NEGATIVE)    # COCO: 448 (square resize first); 0 = native size
 
@@ -388,17 +391,71 @@ class RegConfig:
 
 @dataclass
 class FsrConfig:
-    """FSR's parts (methods/fsr.md): EMA teacher, uncertainty-guided masking, DINO losses."""
+    """FSR's parts (methods/fsr.md): EMA teacher, uncertainty-guided masking, DINO losses. The
+    defaults are the published VOC run (fsr.md §5, §10); the loss weights are
+    train_net.losses.dino_cls / dino_patch (0.1 each, `end` = the reference's fsr_iters)."""
+    # the DINO projector on the aggregated token and every patch token (fsr.md §1.3)
+    projection: dict[str, Any] = checked({"hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 4096, "num_layers": 3})
+    aggregator_depth: int = checked(2, POSITIVE)     # cross-attention blocks class token <- patches (cls_depth)
+    drop_path: float = checked(0.1, UNIT)            # stochastic depth, linear over the blocks to this value
+    momentum: float = checked(0.9995, MOMENTUM)      # EMA teacher: cosine from this to 1 over all iterations
+    use_teacher: bool = False                        # inference stages use the teacher (test_seg_head scores both)
+    mask_block: int = checked(64, POSITIVE)          # block size in pixels (4x4 tokens of 16 px)
+    mask_ratio: float = checked(0.4, UNIT)           # ceil(blocks x ratio) blocks masked per image (49 -> 20)
+    mask_random_until: int = checked(4000, NON_NEGATIVE)   # random blocks before (max_iters/5), uncertain after
+    mask_low: float = checked(0.2, UNIT)             # uncertain: low < max_c(aux CAM of view 2) < high
+    mask_high: float = checked(0.7, UNIT)
+    student_temp: float = checked(0.1, POSITIVE)
+    teacher_temp_start: float = checked(0.04, POSITIVE)    # linear to teacher_temp over teacher_temp_warmup
+    teacher_temp: float = checked(0.07, POSITIVE)
+    teacher_temp_warmup: int = checked(2500, NON_NEGATIVE)  # max_iters/8
+    center_momentum: float = checked(0.9, MOMENTUM)  # the teacher centres' EMA
+    view_scale: list[float] = checked([0.32, 1.0], RANGE)  # RandomResizedCrop area range of both views
+    jitter_p: float = checked(0.5, UNIT)             # colour jitter probability of each view
 
 
 @dataclass
 class ScdConfig:
-    """The CAM-similarity self-distillation of TSD-CAM / TSCD (methods/tsd-cam.md, tscd.md)."""
+    """The CAM-similarity self-distillation of TSD-CAM / TSCD (methods/tsd-cam.md §2.3, tscd.md §5;
+    engine/scd.py): the crop's and a downscaled copy's CAM correlation (teacher, no gradient)
+    distilled into their segmentation-logit correlation (student). Defaults: TSD-CAM's reference.
+    The references' gradient-free "ER" term (an L1 between the two views' CAMs) is not computed."""
+    view_scale: float = checked(0.3, (lambda v: 0 < v < 1, "must be within (0, 1)"))   # second view: crop x 0.3
+    samples: int = checked(40, POSITIVE)           # samples x samples random points per image and view
+    view_align_corners: bool = True                # the downscale of the crop to the second view
+    # the upsampling of each view's seg logits to its own size: TSD-CAM false, TSCD true
+    seg_align_corners: bool = False
+    # the teacher's mean added back over the device's batch (the reference) or per image
+    batch_mean: bool = False
 
 
 @dataclass
 class AffConfig:
-    """The affinity-from-attention head and loss of AFA / TSCD (methods/afa.md, tscd.md)."""
+    """The affinity-from-attention head and loss of AFA / TSCD (methods/afa.md §2-§3, tscd.md §2-§3;
+    engine/affinity_terms.py)."""
+    symmetrize: bool = True          # A + Aᵀ before the head's 1x1 conv: AFA yes, TSCD no
+    blocks: int = checked(0, NON_NEGATIVE)   # how many of the last stage's blocks feed the head; 0 = all
+    radius: int = checked(8, POSITIVE)        # pairs farther apart (rows or columns, stride-16 cells) are ignored
+    # AFA: from this iteration on, the segmentation target is the CAM propagated by the affinity of the
+    # largest CAM scale (one step, P masked to `radius`, ^power, / (column sum + eps)), refined and
+    # thresholded like the pseudo labels (afa.md §3.5); 0 = never (TSCD)
+    propagate_start: int = checked(0, NON_NEGATIVE)
+    propagate_power: float = checked(2.0, POSITIVE)
+    propagate_eps: float = checked(0.1, POSITIVE)
+
+
+@dataclass
+class MitConfig:
+    """The SegFormer network of AFA / TSCD (net/single_stage_mit.py; `backbone: mit_b1`)."""
+    strides: list[int] = checked([4, 2, 2, 1], (lambda v: len(v) == 4 and all(s > 0 for s in v),
+                                                "must be 4 positive strides"))
+    decoder_dim: int = checked(256, POSITIVE)          # the all-MLP decoder's embedding
+    decoder_dropout: float = checked(0.1, UNIT)
+    pool: Literal["gmp", "gap"] = "gmp"
+    norm_lr_mult: float = checked(0.0, NON_NEGATIVE)   # every encoder LayerNorm: 0 = frozen (AFA / TSCD)
+    norm_weight_decay: float = checked(0.0, NON_NEGATIVE)
+    seg_align_corners: bool = False    # segmentation logits -> crop upsampling: AFA False, TSCD True
+    sync_bn: bool = True               # the decoder's BatchNorm as SyncBN under torchrun (the reference's)
 
 
 @dataclass
@@ -428,6 +485,7 @@ class TrainNetConfig:
     fsr: FsrConfig = checked(FsrConfig())
     scd: ScdConfig = checked(ScdConfig())
     aff: AffConfig = checked(AffConfig())
+    mit: MitConfig = checked(MitConfig())
     optimizer: OptimizerConfig = checked(OptimizerConfig(kind="adamw", lr=6e-5, weight_decay=0.01,
                                                          schedule="warmup_poly", warmup_steps=1500))
     head_lr_mult: float = checked(10.0, POSITIVE)

@@ -37,12 +37,14 @@ log = logging.getLogger("wsss")
 class Schedule:
     """lr(step) = base_lr × factor(step). `poly`: (1 − step/max)^power. `warmup_poly` and
     `warmup_cosine`: linear from `warmup_start` × base to base over `warmup_steps`, then
-    poly or cosine decay over the remaining steps (to 0; cosine to `min_factor`)."""
+    poly or cosine decay over the remaining steps (to 0; cosine to `min_factor`); with
+    `poly_from_zero`, warmup_poly's decay is (1 − step/max)^power, counted from step 0."""
     kind: str = "poly"
     power: float = 0.9
     warmup_steps: int = 0
     warmup_start: float = 1e-6
     min_factor: float = 0.0
+    poly_from_zero: bool = False    # warmup_poly: (1 − step/max)^power after the warm-up (AFA / TSCD)
 
     def factor(self, step: int, max_steps: int) -> float:
         if max_steps <= 0:
@@ -52,6 +54,8 @@ class Schedule:
         if step < warm:
             return self.warmup_start + (1.0 - self.warmup_start) * step / warm
         progress_ = (step - warm) / max(max_steps - warm, 1)
+        if self.kind == "warmup_poly" and self.poly_from_zero:
+            progress_ = step / max_steps
         if self.kind in ("poly", "warmup_poly"):
             return (1.0 - progress_) ** self.power
         if self.kind == "warmup_cosine":
@@ -81,7 +85,7 @@ def optimizer_from_config(opt, groups: list[dict]):
 
 def schedule_from_config(opt) -> Schedule:
     return Schedule(kind=opt.schedule, power=opt.poly_power, warmup_steps=opt.warmup_steps,
-                    warmup_start=opt.warmup_start)
+                    warmup_start=opt.warmup_start, poly_from_zero=opt.poly_from_zero)
 
 
 # ----------------------------------------------------------------------------- random state

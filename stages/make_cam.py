@@ -86,7 +86,11 @@ def single_stage_cams(model, image: np.ndarray, keys: np.ndarray, scales, mean, 
     out = {}
     for name, maps in (("net", cams), ("aux", aux)):
         full = maps[0, index].float()
-        strided = F.interpolate(full[None], size=strided_size((h, w), 4), mode="bilinear", align_corners=False)[0]
+        if len(keys) == 0:        # a background-only image (folder layout): no planes, as CRT writes it
+            strided = full.new_zeros((0, *strided_size((h, w), 4)))
+        else:
+            strided = F.interpolate(full[None], size=strided_size((h, w), 4), mode="bilinear",
+                                    align_corners=False)[0]
         out[name] = (strided.clamp(0, 1), full.clamp(0, 1))
     return out
 

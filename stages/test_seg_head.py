@@ -41,7 +41,43 @@ def run(ctx) -> dict:
         logits.write(image_id, small, image.shape[:2])
         predictions.write(image_id, label)
     runtime.barrier()
-    return score_split(ctx, split, ids, predictions, len(todo))
+    summary = score_split(ctx, split, ids, predictions, len(todo))
+    if "metrics" in summary:
+        summary["metrics"].update(score_variants(ctx, split, summary["metrics"]["miou"], model))
+    return summary
+
+
+def score_variants(ctx, split: str, primary_miou: float, model=None) -> dict:
+    """A model that names inference variants (`inference_variants()` -> {name: net}, the one the
+    artifacts come from in `inference_variant`; FSR: student and teacher) gets every variant
+    scored on the same images: {"miou_<name>": mIoU} (the others computed here, not written).
+    `model`: the loaded network, or None to load it."""
+    import numpy as np
+
+    from net.registry import builder_of
+    from pipeline.metrics import confusion_matrix, miou_percent
+
+    path = ctx.artifacts.weights.path("net")
+    if model is None:
+        if not hasattr(builder_of(read_model_file(path, "cpu")["kind"]), "inference_variants"):
+            return {}
+        model = load_model(path, ctx.device, expect=single_stage_kinds())
+    if not hasattr(model, "inference_variants"):
+        return {}
+    dataset, n = ctx.dataset, len(ctx.dataset.class_names)
+    scores = {f"miou_{model.inference_variant}": primary_miou}
+    for name, net in model.inference_variants().items():
+        if name == model.inference_variant:
+            continue
+        conf = np.zeros((n, n), np.int64)
+        for image_id in progress(dataset.eval_ids(split), f"test_seg_head ({name})"):
+            _, label = segment_image(net, dataset.load_image(image_id), ctx.section, ctx.data.mean, ctx.data.std,
+                                     ctx.device)
+            conf += confusion_matrix(label, dataset.load_mask(image_id), n)
+        scores[f"miou_{name}"] = round(miou_percent(conf), 3)
+    log.info("test_seg_head: mIoU by inference variant %s (artifacts from the %s)", scores, model.inference_variant)
+    ctx.artifacts.metrics.write("test_seg_head", {**ctx.artifacts.metrics.read("test_seg_head"), **scores})
+    return scores
 
 
 def check(ctx) -> None:

@@ -117,14 +117,21 @@ def run(ctx) -> dict:
     ids = dataset.ids(data.train_split)
     args = model_args(section, dataset.num_classes)
     model = build_model(section.model, args).to(runtime.device)
-    train_set = SingleStageCropDataset(dataset, ids, section.crop_size, section.rescale, data.mean, data.std,
-                                       {"jitter_p": section.augment.jitter_p, "gray_p": section.augment.gray_p,
-                                        "blur_p": section.augment.blur_p}, seed=ctx.seed,
-                                       views=section.losses.ctc.weight > 0)
+    builder = model_builder(section.model)
+    if hasattr(builder, "train_dataset"):       # a method's own training views (FSR's two crops)
+        train_set = builder.train_dataset(section, dataset, ids, data, ctx.seed)
+    else:
+        train_set = SingleStageCropDataset(dataset, ids, section.crop_size, section.rescale, data.mean, data.std,
+                                           {"jitter_p": section.augment.jitter_p, "gray_p": section.augment.gray_p,
+                                            "blur_p": section.augment.blur_p}, seed=ctx.seed,
+                                           views=section.losses.ctc.weight > 0)
     loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed,
                          key="train_net.batch_size")
-    encoder, heads = model.param_groups()
-    groups = [{"params": encoder, "lr_mult": 1.0}, {"params": heads, "lr_mult": section.head_lr_mult}]
+    if hasattr(model, "optimizer_groups"):      # the network's own groups (AFA/TSCD: frozen norms; FSR: weight-decay exclusions)
+        groups = model.optimizer_groups(section)
+    else:
+        encoder, heads = model.param_groups()
+        groups = [{"params": encoder, "lr_mult": 1.0}, {"params": heads, "lr_mult": section.head_lr_mult}]
     losses = SingleStageLoss(section, data, runtime)
     opt = section.optimizer
 
@@ -152,6 +159,9 @@ def check(ctx) -> None:
     section = ctx.section
     for name in used_terms(section):
         get_term(name)          # a term this version lacks is an error before anything runs
+    builder = model_builder(section.model)
+    if hasattr(builder, "check_config"):        # a method's own config rules (FSR's mask grid)
+        builder.check_config(section)
     if section.losses.ctc.weight > 0 and section.ctc.local_crops and section.ctc.local_size >= section.crop_size:
         raise PipelineError(f"train_net.ctc.local_size: {section.ctc.local_size}-px local crops need a larger "
                             f"train_net.crop_size than {section.crop_size}")

@@ -154,3 +154,20 @@ def test_conv_stem_keeps_the_patch_grid_and_floors_like_the_patch_conv():
     with pytest.raises(PipelineError, match="power-of-two"):
         ViTBackbone("vit_tiny_patch16_224", aux_layer=-1, patch_size=6, depth=1, embed_dim=16, num_heads=2, img_size=36,
                     conv_stem=True)
+
+
+def test_background_only_image_gets_empty_cams_and_the_others_their_classes():
+    """A folder-layout image may carry no class: make_cam writes it with no planes (as the CRT path
+    does) instead of failing in the upsampling; an image with classes gets one plane per class."""
+    from stages.make_cam import single_stage_cams
+
+    torch.manual_seed(0)
+    net = build_model("single_stage_vit", {"backbone": "vit_tiny_patch16_224", "pretrained": False, "num_classes": 5,
+                                           "aux_layer": -1, "seg_hidden": 8, "patch_size": 8, "depth": 1,
+                                           "embed_dim": 16, "num_heads": 1, "img_size": 32}).eval()
+    image = np.random.default_rng(0).integers(0, 255, (40, 36, 3), dtype=np.uint8)
+    mean, std = [0.5] * 3, [0.25] * 3
+    empty = single_stage_cams(net, image, np.array([], np.int64), [1.0], mean, std, "cpu")
+    assert empty["net"][0].shape == (0, 10, 9) and empty["net"][1].shape == (0, 40, 36)
+    two = single_stage_cams(net, image, np.array([1, 3]), [1.0], mean, std, "cpu")
+    assert two["aux"][0].shape == (2, 10, 9) and two["aux"][1].shape == (2, 40, 36)
