@@ -97,6 +97,9 @@ def main() -> None:
     ctc_weight = base.losses.ctc.weight or 0.5
     print(f"{args.config}: {base.backbone} {base.model_kwargs or ''}, crop {base.crop_size}, batch {batch_size}, "
           f"CAM scales {base.cam_scales}, refiner {base.refiner.preset} x{base.refiner.iterations}")
+    c = base.ctc
+    print(f"CTC when on: weight {ctc_weight}, {c.local_crops} local crops of {c.local_size} px, projection "
+          f"{c.projection}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {args.iterations} "
           f"iterations after {args.warmup} warm-up")
     print(f"{'CTC':<5}{'iteration':>10}  {'terms':<34}{'s/iter':>8}{'images/s':>10}")
