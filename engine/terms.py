@@ -89,7 +89,7 @@ class Step:
     batch      the loader's batch as it came (extra views after the first four entries)
     model      the network as trained (DDP-wrapped under torchrun): forward with gradient
     net        the same network unwrapped (its heads, teachers and helpers)
-    images, targets, boxes   the batch: normalised crops, multi-hot labels, valid boxes (x0, y0, x1, y1)
+    images, targets, boxes   the batch: normalised crops, multi-hot labels, valid boxes (top, bottom, left, right)
     out        the network's output on `images` (one forward, with gradient)
     iteration  the iteration index; section, data: the config's train_net and data blocks
     engine     the loss driver: its refiner and anything a term keeps between iterations
