@@ -158,7 +158,7 @@ def afa_propagation(step: Step, labels: Tensor) -> Tensor | None:
     if not a.propagate_start or step.iteration < a.propagate_start:
         return None
     from engine.multiscale import scaled_size
-    from engine.refine import image_for_refiner
+    from engine.refine import image_for_refiner_unit
 
     net, images = step.net, step.images
     if not hasattr(net, "affinity"):
@@ -171,7 +171,7 @@ def afa_propagation(step: Step, labels: Tensor) -> Tensor | None:
     with torch.no_grad():
         affinity, grid = net.affinity(x)
         t, r = step.section.thresholds, step.section.refiner
-        rgb = image_for_refiner(images, [255 * m for m in step.data.mean], [255 * s for s in step.data.std])
+        rgb = image_for_refiner_unit(images, step.data.mean, step.data.std)
         return propagated_labels(step.engine.refiner, images, rgb, step.cams(), step.targets, affinity.float(), grid,
                                  t.high, t.low, step.boxes, a.radius, a.propagate_power, a.propagate_eps,
                                  r.down_scale)

@@ -178,6 +178,13 @@ def image_for_refiner(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN_255,
     return pixels / 255.0
 
 
+def image_for_refiner_unit(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """`image_for_refiner` given the data config's mean/std (the 0..1 scale, as the data set
+    normalises): what train_net's online labels, make_sem_seg's cam_refine route and AFA's
+    propagation feed the refiner."""
+    return image_for_refiner(images, [255 * m for m in mean], [255 * s for s in std])
+
+
 def _present_channels(cls_labels: Tensor) -> tuple[Tensor, Tensor]:
     """(keys, valid), both (B, M) with M = 1 + the most classes any image has: the
     channel indices of [background, classes] kept per image (background first, then

@@ -57,7 +57,7 @@ def cam_refine_labels(refiner, image: np.ndarray, cam: dict, num_classes: int, t
                       mean, std) -> np.ndarray:
     """Pseudo labels from the saved full-resolution CAMs refined by the local refiner with two
     background planes (the single-stage methods' online labels, on the whole image)."""
-    from engine.refine import image_for_refiner, refine_cams_with_refiner
+    from engine.refine import image_for_refiner_unit, refine_cams_with_refiner
 
     h, w = image.shape[:2]
     x = torch.from_numpy(normalize(image, mean, std)).permute(2, 0, 1)[None]
@@ -66,8 +66,7 @@ def cam_refine_labels(refiner, image: np.ndarray, cam: dict, num_classes: int, t
     keys = torch.as_tensor(cam["keys"], dtype=torch.long)
     cams[0, keys] = torch.from_numpy(cam["high_res"])
     present[0, keys] = 1
-    # the data config's mean/std are on the 0..1 scale, the refiner's input function wants 0..255
-    rgb = image_for_refiner(x, [255 * m for m in mean], [255 * s for s in std])
+    rgb = image_for_refiner_unit(x, mean, std)
     label = refine_cams_with_refiner(refiner, rgb, cams, present, thresholds.high, thresholds.low, [[0, h, 0, w]],
                                      down_scale=down_scale)
     return label[0].numpy().astype(np.uint8)

@@ -82,11 +82,10 @@ class SingleStageLoss:
 
     @torch.no_grad()
     def pseudo_labels(self, images, cams, targets, boxes):
-        from engine.refine import image_for_refiner, refine_cams_with_refiner
+        from engine.refine import image_for_refiner_unit, refine_cams_with_refiner
 
         t = self.section.thresholds
-        # the data config's mean/std are on the 0..1 scale, the refiner's input function wants 0..255
-        rgb = image_for_refiner(images, [255 * m for m in self.data.mean], [255 * s for s in self.data.std])
+        rgb = image_for_refiner_unit(images, self.data.mean, self.data.std)
         return refine_cams_with_refiner(self.refiner, rgb, cams, targets, t.high, t.low, boxes,
                                         down_scale=self.section.refiner.down_scale)
 
