@@ -67,13 +67,20 @@ def load_non_strict(module: torch.nn.Module, state: dict, source: str | Path,
         raise PipelineError(f"{source} matches only {share:.0%} of the model's tensors ({len(compatible)} of "
                             f"{len(own)}; at least {min_share:.0%} expected): a file for another model?")
     module.load_state_dict(compatible, strict=False)
-    log.info("loaded %s: %d tensors matched, %d missing, %d unexpected or mismatched",
-             source, len(compatible), len(missing), len(unexpected))
-    if missing:
-        log.info("missing keys (first 10): %s", missing[:10])
-    if unexpected:
-        log.info("unexpected keys (first 10): %s", unexpected[:10])
+    log_load_report(source, len(compatible), missing, unexpected, "unexpected or mismatched")
     return missing, unexpected
+
+
+def log_load_report(source, matched: int, missing: list, unexpected: list, unexpected_word: str = "unexpected",
+                    note: str = "", logger: logging.Logger = log) -> None:
+    """The log lines of a weights load, on `logger`: the counts, then the first 10 missing /
+    unexpected keys."""
+    logger.info("loaded %s: %d tensors matched, %d missing, %d %s%s", source, matched, len(missing), len(unexpected),
+             unexpected_word, note)
+    if missing:
+        logger.info("missing keys (first 10): %s", missing[:10])
+    if unexpected:
+        logger.info("unexpected keys (first 10): %s", unexpected[:10])
 
 
 def strip_prefixes(state: dict, prefixes: tuple[str, ...]) -> dict:

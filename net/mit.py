@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
-from net.backbone import read_state_dict, strip_prefixes
+from net.backbone import log_load_report, read_state_dict, strip_prefixes
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -385,10 +385,5 @@ def load_mit_weights(model: MixTransformer, path: str | Path, min_share: float =
             f"{len(missing)} missing, {len(unexpected)} in the file unknown (e.g. "
             f"{(missing + unexpected)[:3]}); is it an official mit_bX.pth of the same variant?")
     model.load_state_dict({k: state[k] for k in matched}, strict=False)
-    log.info("loaded MiT weights %s: %d tensors matched, %d missing, %d unexpected (head.* ignored)",
-             path, len(matched), len(missing), len(unexpected))
-    if missing:
-        log.info("missing MiT keys: %s", missing[:10])
-    if unexpected:
-        log.info("unexpected MiT keys: %s", unexpected[:10])
+    log_load_report(f"MiT weights {path}", len(matched), missing, unexpected, note=" (head.* ignored)", logger=log)
     return {"matched": matched, "missing": missing, "unexpected": unexpected}
