@@ -107,7 +107,7 @@ class MSC(nn.Module):
     logits' size and fused by a pixel-wise max.
 
     Training returns [logits at 1.0, logits at each scale, the max]; evaluation
-    returns the max only. A scaled input is floor(H * scale) x floor(W * scale),
+    returns the max only. Without scales it is the base network: [logits] / logits. A scaled input is floor(H * scale) x floor(W * scale),
     as in the reference. By default the per-scale training outputs keep their
     own (smaller) size, as in the reference, whose loss downsamples the labels
     to each output instead; `resize_scaled_outputs=True` returns them resized to
@@ -123,6 +123,8 @@ class MSC(nn.Module):
 
     def forward(self, x: torch.Tensor):
         logits = self.base(x)
+        if not self.scales:
+            return [logits] if self.training else logits
         size = logits.shape[2:]
         height, width = x.shape[2:]
         scaled, resized = [], []
@@ -203,11 +205,13 @@ def load_deeplab_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[st
 
 @register_model("deeplab")
 def build_deeplab(backbone: str = "resnet101", num_classes: int = 21, pretrained: bool | str = False,
-                  msc_scales=(0.75, 0.5), dilate_first_block: bool = True, freeze_bn: bool = True) -> MSC:
-    """MSC(DeepLabV2). `pretrained` may be a local file: a DeepLab checkpoint or backbone weights."""
+                  msc_scales=(0.75, 0.5), dilate_first_block: bool = True, freeze_bn: bool = True,
+                  rates=(6, 12, 18, 24)) -> MSC:
+    """MSC(DeepLabV2). `pretrained` may be a local file: a DeepLab checkpoint or backbone weights.
+    `msc_scales` empty: one scale (training returns [logits])."""
     local = isinstance(pretrained, str) and pretrained.lower() not in ("true", "false")
     base = DeepLabV2(backbone, num_classes=num_classes, pretrained=False if local else pretrained,
-                     dilate_first_block=dilate_first_block, freeze_bn=freeze_bn)
+                     rates=tuple(rates), dilate_first_block=dilate_first_block, freeze_bn=freeze_bn)
     if local:
         load_deeplab_checkpoint(base, pretrained)
     return MSC(base, scales=tuple(msc_scales))

@@ -37,6 +37,9 @@ NON_NEGATIVE: Rule = (lambda v: v >= 0, "must be >= 0")
 UNIT: Rule = (lambda v: 0.0 <= v <= 1.0, "must be within [0, 1]")
 MOMENTUM: Rule = (lambda v: 0.0 <= v < 1.0, "must be within [0, 1)")
 SCALES: Rule = (lambda v: len(v) > 0 and all(s > 0 for s in v), "must be a non-empty list of positive numbers")
+EXTRA_SCALES: Rule = (lambda v: all(s > 0 for s in v), "must be a list of positive numbers (empty: one scale)")
+RATES: Rule = (lambda v: len(v) > 0 and all(isinstance(r, int) and r > 0 for r in v),
+               "must be a non-empty list of positive integers")
 RANGE: Rule = (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "must be [low, high] with 0 < low <= high")
 RGB: Rule = (lambda v: len(v) == 3, "must have 3 values (RGB)")
 NAME: Rule = (lambda v: v != "" and "/" not in v and "\\" not in v and v not in (".", ".."),
@@ -299,7 +302,11 @@ class TrainDeeplabConfig:
     # The reference freezes BatchNorm (statistics and affine); false trains it with batch
     # statistics: only for backbones without large-scale pre-training (the CPU demo).
     freeze_bn: bool = True
-    msc_scales: list[float] = checked([0.75, 0.5], SCALES)
+    # MSC: the scales besides 1.0 at which every image also goes through the network (train and
+    # test); empty = the 1.0 scale alone.
+    msc_scales: list[float] = checked([0.75, 0.5], EXTRA_SCALES)
+    # the ASPP branches' dilation rates, set for VOC's 321 crops (41x41 feature maps)
+    aspp_rates: list[int] = checked([6, 12, 18, 24], RATES)
     optimizer: OptimizerConfig = checked(OptimizerConfig(lr=2.5e-4, momentum=0.9, weight_decay=5e-4))
     # lr multipliers of the ASPP weights and biases (the reference's Caffe lr_mult 10 and 20)
     head_lr_mult: float = checked(10.0, POSITIVE)

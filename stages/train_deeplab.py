@@ -21,7 +21,8 @@ log = logging.getLogger("wsss")
 
 def model_args(section, num_labels: int) -> dict:
     return {"backbone": section.backbone, "num_classes": num_labels, "pretrained": section.pretrained,
-            "msc_scales": list(section.msc_scales), "dilate_first_block": section.dilate_first_block,
+            "msc_scales": list(section.msc_scales), "rates": list(section.aspp_rates),
+            "dilate_first_block": section.dilate_first_block,
             "freeze_bn": section.freeze_bn}
 
 

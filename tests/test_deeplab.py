@@ -81,6 +81,31 @@ def test_msc_training_outputs_and_fusion(model):
     msc.train()
 
 
+def test_msc_without_scales_is_the_base_network(model):
+    msc = MSC(model, scales=()).train()
+    x = torch.randn(2, 3, 65, 97)
+    with torch.no_grad():
+        outputs = msc(x)
+        assert len(outputs) == 1 and torch.allclose(outputs[0], model(x), atol=1e-5)
+        msc.eval()
+        assert torch.allclose(msc(x), model(x), atol=1e-5)
+    msc.train()
+
+
+def test_config_rates_and_scales_reach_the_built_model():
+    from net.registry import build_model
+    from pipeline.config import load_config
+    from stages.train_deeplab import model_args
+
+    section = load_config(None, ["train_deeplab.aspp_rates=[1,2,3,4]", "train_deeplab.msc_scales=[]",
+                                 "train_deeplab.backbone=resnet10t", "train_deeplab.pretrained=false"]).train_deeplab
+    built = build_model("deeplab", model_args(section, NUM_CLASSES))
+    assert [c.dilation for c in built.base.aspp.branches] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert all(c.padding == c.dilation for c in built.base.aspp.branches)
+    assert built.scales == ()
+    assert list(load_config(None, []).train_deeplab.aspp_rates) == [6, 12, 18, 24]  # the reference's
+
+
 def test_batchnorm_frozen_in_train_mode(model):
     msc = MSC(model).train()
     assert model.training and model.aspp.training
