@@ -66,12 +66,11 @@ def easy_scenes(count: int, size: int = 48, seed: int = 0):
 
 
 def fit_accuracy(section, steps: int = 40) -> dict[int, float]:
-    """Train a random-init resnet10t DeepLab (MSC) with `section`'s BatchNorm mode, optimiser and head
-    multipliers on 8 easy scenes; per-class pixel accuracy of the full-size prediction on them."""
+    """Train a random-init resnet10t DeepLab with `section`'s BatchNorm mode, MSC scales, ASPP rates,
+    optimiser and head multipliers on 8 easy scenes; per-class pixel accuracy of the full-size prediction on them."""
     torch.manual_seed(0)
     images, labels = easy_scenes(8)
-    model = build_deeplab("resnet10t", NUM_CLASSES, False, list(section.msc_scales), section.dilate_first_block,
-                          section.freeze_bn)
+    model = build_deeplab(**{**model_args(section, NUM_CLASSES), "backbone": "resnet10t", "pretrained": False})
     opt = section.optimizer
     optimizer = optimizer_from_config(opt, param_groups(model, opt.lr, opt.weight_decay, section.head_lr_mult,
                                                          section.head_bias_lr_mult))
