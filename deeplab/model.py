@@ -206,12 +206,27 @@ def load_deeplab_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[st
 @register_model("deeplab")
 def build_deeplab(backbone: str = "resnet101", num_classes: int = 21, pretrained: bool | str = False,
                   msc_scales=(0.75, 0.5), dilate_first_block: bool = True, freeze_bn: bool = True,
-                  rates=(6, 12, 18, 24)) -> MSC:
+                  rates=(6, 12, 18, 24), input_norm: str = "imagenet") -> MSC:
     """MSC(DeepLabV2). `pretrained` may be a local file: a DeepLab checkpoint or backbone weights.
-    `msc_scales` empty: one scale (training returns [logits])."""
+    `msc_scales` empty: one scale (training returns [logits]). The model carries `input_norm` (the
+    input convention of `deeplab.train_utils.deeplab_input`), "auto" resolved by `resolve_input_norm`."""
     local = isinstance(pretrained, str) and pretrained.lower() not in ("true", "false")
     base = DeepLabV2(backbone, num_classes=num_classes, pretrained=False if local else pretrained,
                      rates=tuple(rates), dilate_first_block=dilate_first_block, freeze_bn=freeze_bn)
     if local:
         load_deeplab_checkpoint(base, pretrained)
-    return MSC(base, scales=tuple(msc_scales))
+    model = MSC(base, scales=tuple(msc_scales))
+    model.input_norm = resolve_input_norm(input_norm, pretrained)
+    return model
+
+
+def resolve_input_norm(input_norm: str, pretrained: bool | str) -> str:
+    """"auto": "caffe_bgr" when `pretrained` is a local file in deeplab-pytorch's (Caffe-converted)
+    format, whose weights expect BGR, mean-subtracted 0..255 input; otherwise "imagenet"."""
+    if input_norm != "auto":
+        return input_norm
+    local = isinstance(pretrained, str) and pretrained.lower() not in ("true", "false")
+    if local and is_reference_format(read_state_dict(pretrained, "DeepLab checkpoint")):
+        log.info("DeepLab input: BGR minus the Caffe mean, as %s expects (train_deeplab.input_norm)", pretrained)
+        return "caffe_bgr"
+    return "imagenet"

@@ -14,6 +14,27 @@ IGNORE_INDEX = 255
 # ImageNet mean of RGB in 0..255: padding with it gives ~0 after the network's
 # (x / 255 - mean) / std normalisation.
 IMAGENET_MEAN_RGB = (124, 116, 104)
+# deeplab-pytorch's mean for its Caffe-converted checkpoints: BGR order, subtracted on 0..255, no std
+CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
+
+
+def deeplab_input(image: np.ndarray, input_norm: str, mean, std) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> the (3, H, W) float tensor DeepLab reads under `input_norm`
+    ("imagenet": RGB, (x/255 - mean) / std; "caffe_bgr": BGR, x - CAFFE_MEAN_BGR)."""
+    from pipeline.transforms import normalize, to_tensor
+
+    if input_norm == "caffe_bgr":
+        return to_tensor(image[..., ::-1].astype(np.float32) - np.asarray(CAFFE_MEAN_BGR, np.float32))
+    if input_norm != "imagenet":
+        raise ValueError(f"input_norm must be 'imagenet' or 'caffe_bgr', got {input_norm!r}")
+    return to_tensor(normalize(image, mean, std))
+
+
+def input_pad_rgb(input_norm: str, mean) -> tuple[int, int, int]:
+    """The RGB uint8 colour that `deeplab_input` maps to ~0: the padding of training crops."""
+    if input_norm == "caffe_bgr":
+        return tuple(int(round(m)) for m in CAFFE_MEAN_BGR[::-1])
+    return tuple(int(round(m * 255)) for m in mean)
 
 
 def param_groups(model: nn.Module, base_lr: float, weight_decay: float, head_lr_mult: float = 10.0,
@@ -134,14 +155,17 @@ def random_scale_crop(image: np.ndarray, label: np.ndarray, crop: int, scale_ran
 
 
 class DeepLabCropDataset(torch.utils.data.Dataset):
-    """DeepLab's training samples: `random_scale_crop` (a scale from `scales`, bottom/right padding,
-    random crop, flip) of each image and its pseudo label (a catalogue artifact), normalised.
+    """DeepLab's training samples: `random_scale_crop` (a scale from `scales`, bottom/right padding
+    with the colour `input_norm` maps to ~0, random crop, flip) of each image and its pseudo label (a
+    catalogue artifact), as `deeplab_input`.
     Augmentation draws from (seed, epoch, index): a resumed run sees the same samples."""
 
-    def __init__(self, dataset, ids, labels, crop: int, scales, mean, std, seed: int = 0):
+    def __init__(self, dataset, ids, labels, crop: int, scales, mean, std, seed: int = 0,
+                 input_norm: str = "imagenet"):
         self.dataset, self.ids, self.labels, self.crop = dataset, list(ids), labels, crop
         self.scales, self.mean, self.std, self.seed = tuple(scales), mean, std, seed
-        self.pad_rgb = tuple(int(round(m * 255)) for m in mean)
+        self.input_norm = input_norm
+        self.pad_rgb = input_pad_rgb(input_norm, mean)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -149,7 +173,6 @@ class DeepLabCropDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int):
         from pipeline.errors import PipelineError
         from pipeline.trainer import decode_key
-        from pipeline.transforms import normalize, to_tensor
 
         epoch, index = decode_key(key, len(self.ids))
         image_id = self.ids[index]
@@ -159,4 +182,4 @@ class DeepLabCropDataset(torch.utils.data.Dataset):
                                 f"{self.dataset.image_path(image_id)} is {image.shape[:2]}")
         image, label = random_scale_crop(image, label, self.crop, rng=np.random.default_rng([self.seed, epoch, index]),
                                          scale_choices=self.scales, pad_rgb=self.pad_rgb)
-        return to_tensor(normalize(image, self.mean, self.std)), torch.from_numpy(label).long(), index
+        return deeplab_input(image, self.input_norm, self.mean, self.std), torch.from_numpy(label).long(), index

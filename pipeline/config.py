@@ -307,6 +307,10 @@ class TrainDeeplabConfig:
     msc_scales: list[float] = checked([0.75, 0.5], EXTRA_SCALES)
     # the ASPP branches' dilation rates, set for VOC's 321 crops (41x41 feature maps)
     aspp_rates: list[int] = checked([6, 12, 18, 24], RATES)
+    # what the network reads: "imagenet" = RGB, (x/255 - data.mean) / data.std (timm / torchvision
+    # weights); "caffe_bgr" = BGR, x - (104.008, 116.669, 122.675) on 0..255, as deeplab-pytorch feeds its
+    # Caffe-converted COCO checkpoint; "auto" = caffe_bgr when `pretrained` is a file in that format.
+    input_norm: Literal["auto", "imagenet", "caffe_bgr"] = "auto"
     optimizer: OptimizerConfig = checked(OptimizerConfig(lr=2.5e-4, momentum=0.9, weight_decay=5e-4))
     # lr multipliers of the ASPP weights and biases (the reference's Caffe lr_mult 10 and 20)
     head_lr_mult: float = checked(10.0, POSITIVE)

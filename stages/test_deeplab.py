@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from net.registry import load_model, read_model_file
 from pipeline.metrics import score_split
 from pipeline.runtime import progress
-from pipeline.transforms import normalize, to_tensor
 
 log = logging.getLogger("wsss")
 
@@ -35,8 +34,11 @@ def expected_outputs(ctx):
 
 @torch.no_grad()
 def predict(model, image: np.ndarray, mean, std, device) -> tuple[torch.Tensor, np.ndarray]:
-    """Stride-8 logits (C, h, w) of the MSC max and the full-resolution argmax labels."""
-    x = to_tensor(normalize(image, mean, std))[None].to(device)
+    """Stride-8 logits (C, h, w) of the MSC max and the full-resolution argmax labels; the image
+    as the model was trained to read it (its `input_norm`)."""
+    from deeplab.train_utils import deeplab_input
+
+    x = deeplab_input(image, getattr(model, "input_norm", "imagenet"), mean, std)[None].to(device)
     logit = model(x)[0].float()
     full = F.interpolate(logit[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
     return logit, full.argmax(0).cpu().numpy().astype(np.uint8)

@@ -23,7 +23,7 @@ def model_args(section, num_labels: int) -> dict:
     return {"backbone": section.backbone, "num_classes": num_labels, "pretrained": section.pretrained,
             "msc_scales": list(section.msc_scales), "rates": list(section.aspp_rates),
             "dilate_first_block": section.dilate_first_block,
-            "freeze_bn": section.freeze_bn}
+            "freeze_bn": section.freeze_bn, "input_norm": section.input_norm}
 
 
 def run(ctx) -> dict:
@@ -40,7 +40,7 @@ def run(ctx) -> dict:
     if section.init_from_cam:
         copy_backbone_from(model.base.backbone, ctx.artifacts.weights.path("cam_cnn"), runtime.device)
     train_set = DeepLabCropDataset(dataset, ids, pseudo_labels, section.crop_size, section.scales, data.mean,
-                                   data.std, seed=ctx.seed)
+                                   data.std, seed=ctx.seed, input_norm=model.input_norm)
     loader = make_loader(train_set, section.batch_size, runtime, section.num_workers, shuffle=True, seed=ctx.seed,
                          key="train_deeplab.batch_size")
     opt = section.optimizer
@@ -55,7 +55,8 @@ def run(ctx) -> dict:
                       lr_key="train_deeplab.optimizer.lr", accumulation=section.accumulation, amp=section.amp,
                       checkpoint_every=section.checkpoint_every, log_every=section.log_every).fit()
     if runtime.is_main:
-        save_model(ctx.artifacts.weights.path("deeplab"), model, "deeplab", {**args, "pretrained": False})
+        save_model(ctx.artifacts.weights.path("deeplab"), model, "deeplab",
+                   {**args, "pretrained": False, "input_norm": model.input_norm})
     return {"outputs": {"deeplab": str(ctx.artifacts.weights.path("deeplab")), "train_images": len(ids)},
             "metrics": {"final_loss": history[-1]["loss"] if history else None}}
 

@@ -330,3 +330,48 @@ def test_reference_deeplab_checkpoint_loads_every_backbone_tensor(tmp_path):
     torch.save({"layer1.conv1.conv.weight": torch.zeros(3, 3, 1, 1)}, tmp_path / "other.pth")
     with pytest.raises(PipelineError, match="other.pth"):
         load_deeplab_checkpoint(DeepLabV2("resnet101", num_classes=21), tmp_path / "other.pth")
+
+
+# --- input convention ------------------------------------------------------------
+
+def test_caffe_input_is_bgr_minus_the_caffe_mean_and_its_padding_maps_to_zero():
+    from deeplab.train_utils import CAFFE_MEAN_BGR, deeplab_input, input_pad_rgb
+
+    image = np.zeros((2, 3, 3), np.uint8)
+    image[0, 0] = (10, 20, 30)                                  # R, G, B
+    x = deeplab_input(image, "caffe_bgr", (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    assert x.shape == (3, 2, 3) and x.dtype == torch.float32
+    assert x[:, 0, 0].tolist() == pytest.approx([30 - 104.008, 20 - 116.669, 10 - 122.675], abs=1e-4)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    assert deeplab_input(image, "imagenet", mean, std)[:, 0, 0].tolist() == pytest.approx(
+        [(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225], abs=1e-5)
+    for norm, bound in (("caffe_bgr", 0.5), ("imagenet", 0.01)):   # 0..255 units, normalised units
+        pad = np.full((1, 1, 3), input_pad_rgb(norm, mean), np.uint8)
+        assert deeplab_input(pad, norm, mean, std).abs().max() < bound, norm
+    assert input_pad_rgb("caffe_bgr", mean) == (123, 117, 104) and CAFFE_MEAN_BGR[0] == 104.008
+
+
+def test_input_norm_auto_follows_the_checkpoint_and_survives_the_weights_file(tmp_path):
+    from deeplab.model import build_deeplab
+    from net.registry import load_model, save_model
+    from stages.test_deeplab import predict
+
+    reference = _as_reference_names(DeepLabV2("resnet18", num_classes=NUM_CLASSES).state_dict(), prefix="base.")
+    torch.save(reference, tmp_path / "coco_init.pth")
+    torch.save(MSC(DeepLabV2("resnet18", num_classes=NUM_CLASSES)).state_dict(), tmp_path / "ours.pth")
+    args = {"backbone": "resnet18", "num_classes": NUM_CLASSES, "msc_scales": []}
+    assert build_deeplab(**args, pretrained=str(tmp_path / "coco_init.pth"), input_norm="auto").input_norm == "caffe_bgr"
+    assert build_deeplab(**args, pretrained=str(tmp_path / "ours.pth"), input_norm="auto").input_norm == "imagenet"
+    assert build_deeplab(**args, pretrained=False, input_norm="auto").input_norm == "imagenet"
+    model = build_deeplab(**args, pretrained=str(tmp_path / "ours.pth"), input_norm="caffe_bgr").eval()
+    assert model.input_norm == "caffe_bgr"
+    save_model(tmp_path / "deeplab.pth", model, "deeplab", {**args, "pretrained": False, "input_norm": model.input_norm})
+    loaded = load_model(tmp_path / "deeplab.pth", "cpu", expect="deeplab")
+    assert loaded.input_norm == "caffe_bgr"
+    # test_deeplab feeds the image the way the model was trained to read it
+    image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    logits, _ = predict(loaded, image, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "cpu")
+    bgr = torch.from_numpy(image[..., ::-1].astype(np.float32) - np.array([104.008, 116.669, 122.675], np.float32))
+    with torch.no_grad():
+        expected = loaded(bgr.permute(2, 0, 1)[None])[0]
+    assert torch.allclose(logits, expected, atol=1e-4)
