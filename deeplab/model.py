@@ -107,8 +107,9 @@ class MSC(nn.Module):
     logits' size and fused by a pixel-wise max.
 
     Training returns [logits at 1.0, logits at each scale, the max]; evaluation
-    returns the max only. Without scales it is the base network: [logits] / logits. A scaled input is floor(H * scale) x floor(W * scale),
-    as in the reference. By default the per-scale training outputs keep their
+    returns the max only; without scales it is the base network ([logits] /
+    logits). A scaled input is floor(H * scale) x floor(W * scale), as in the
+    reference. By default the per-scale training outputs keep their
     own (smaller) size, as in the reference, whose loss downsamples the labels
     to each output instead; `resize_scaled_outputs=True` returns them resized to
     the 1.0 size (the max uses the resized ones either way). `msc_loss` handles
@@ -176,9 +177,10 @@ def map_reference_keys(state: dict) -> dict:
     return out
 
 
-def load_deeplab_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+def load_deeplab_checkpoint(model: nn.Module, path: str | Path, state: dict | None = None) -> tuple[list[str], list[str]]:
     """Load weights into a DeepLabV2 or MSC non-strictly; returns (missing,
-    unexpected) key lists, named as in `model`, and logs them.
+    unexpected) key lists, named as in `model`, and logs them. `state`: the
+    file's state dict, when the caller has read it already.
 
     Accepted files: a state dict saved by this project (of a DeepLabV2 or an
     MSC, possibly under a "model"/"state_dict" key, possibly with DDP's
@@ -190,7 +192,8 @@ def load_deeplab_checkpoint(model: nn.Module, path: str | Path) -> tuple[list[st
     differs from the model's (another number of classes) are skipped and
     reported as unexpected.
     """
-    state = read_state_dict(path, "DeepLab checkpoint")
+    if state is None:
+        state = read_state_dict(path, "DeepLab checkpoint")
     reference = is_reference_format(state)
     if reference:
         state = map_reference_keys(state)
@@ -208,25 +211,22 @@ def build_deeplab(backbone: str = "resnet101", num_classes: int = 21, pretrained
                   msc_scales=(0.75, 0.5), dilate_first_block: bool = True, freeze_bn: bool = True,
                   rates=(6, 12, 18, 24), input_norm: str = "imagenet") -> MSC:
     """MSC(DeepLabV2). `pretrained` may be a local file: a DeepLab checkpoint or backbone weights.
-    `msc_scales` empty: one scale (training returns [logits]). The model carries `input_norm` (the
-    input convention of `deeplab.train_utils.deeplab_input`), "auto" resolved by `resolve_input_norm`."""
+    `msc_scales` empty: one scale (training returns [logits]). The model carries `input_norm`, the
+    input convention of `deeplab.train_utils.deeplab_input`; "auto" is "caffe_bgr" when `pretrained`
+    is a file in deeplab-pytorch's (Caffe-converted) format, whose weights expect BGR,
+    mean-subtracted 0..255 input, and "imagenet" otherwise."""
     local = isinstance(pretrained, str) and pretrained.lower() not in ("true", "false")
     base = DeepLabV2(backbone, num_classes=num_classes, pretrained=False if local else pretrained,
                      rates=tuple(rates), dilate_first_block=dilate_first_block, freeze_bn=freeze_bn)
+    caffe_file = False
     if local:
-        load_deeplab_checkpoint(base, pretrained)
+        state = read_state_dict(pretrained, "DeepLab checkpoint")
+        caffe_file = is_reference_format(state)
+        load_deeplab_checkpoint(base, pretrained, state)
+    if input_norm == "auto":
+        input_norm = "caffe_bgr" if caffe_file else "imagenet"
+        if caffe_file:
+            log.info("DeepLab input: BGR minus the Caffe mean, as %s expects (train_deeplab.input_norm)", pretrained)
     model = MSC(base, scales=tuple(msc_scales))
-    model.input_norm = resolve_input_norm(input_norm, pretrained)
+    model.input_norm = input_norm
     return model
-
-
-def resolve_input_norm(input_norm: str, pretrained: bool | str) -> str:
-    """"auto": "caffe_bgr" when `pretrained` is a local file in deeplab-pytorch's (Caffe-converted)
-    format, whose weights expect BGR, mean-subtracted 0..255 input; otherwise "imagenet"."""
-    if input_norm != "auto":
-        return input_norm
-    local = isinstance(pretrained, str) and pretrained.lower() not in ("true", "false")
-    if local and is_reference_format(read_state_dict(pretrained, "DeepLab checkpoint")):
-        log.info("DeepLab input: BGR minus the Caffe mean, as %s expects (train_deeplab.input_norm)", pretrained)
-        return "caffe_bgr"
-    return "imagenet"
