@@ -156,6 +156,9 @@ class TrainCamConfig:
     cam_lambda: float = checked(0.1, NON_NEGATIVE)
     consistency_start_epoch: int = checked(1, NON_NEGATIVE)   # 0-based: CRT starts at the second epoch
     consistency_align_corners: bool = True   # the reference upsamples both CAMs with align_corners=True
+    # Which branch the consistency term leaves alone: "none" (the reference: both learn from it),
+    # "cnn" (the CNN's CAM is a fixed target that only the transformer moves to) or "vit".
+    consistency_teacher: Literal["none", "cnn", "vit"] = "none"
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # image rescaling (the reference: PIL bicubic)
     amp: bool = False
     num_workers: int = checked(2, NON_NEGATIVE)

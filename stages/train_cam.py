@@ -1,7 +1,8 @@
 """train_cam: CRT's dual-branch co-training of a CNN CAM branch and a transformer CAM branch.
 
 Loss = MLSM(cnn logits) + MLSM(vit logits) + λ · mean|CAM_cnn↑ − CAM_vit↑| (from epoch
-`consistency_start_epoch`), where ↑ is bilinear upsampling of the raw CAMs to the crop.
+`consistency_start_epoch`), where ↑ is bilinear upsampling of the raw CAMs to the crop; both
+branches learn from the last term unless `consistency_teacher` names one to leave alone.
 Writes the weights cam_cnn and cam_vit (the catalogue's `weights` kind); the one trainer
 checkpoints after every epoch, so an interrupted run resumes where it stopped.
 """
@@ -35,13 +36,19 @@ def vit_model_args(section, num_classes: int) -> dict:
 
 
 def cotraining_loss(logits_cnn, logits_vit, cam_cnn, cam_vit, targets, size, cam_lambda: float,
-                    consistency_on: bool, align_corners: bool = True) -> dict[str, torch.Tensor]:
+                    consistency_on: bool, align_corners: bool = True,
+                    teacher: str = "none") -> dict[str, torch.Tensor]:
     """The three CRT loss terms and their sum. Raw CAMs are upsampled to `size` (H, W), with
-    `align_corners` as the reference (True). No stop-gradient on the consistency term: both
-    branches learn from it."""
+    `align_corners` as the reference (True). With `teacher` "none" (the reference) both branches
+    learn from the consistency term; "cnn" or "vit" stops its gradient into that branch, whose
+    CAM is then a fixed target for the other."""
     cls_cnn = F.multilabel_soft_margin_loss(logits_cnn, targets)
     cls_vit = F.multilabel_soft_margin_loss(logits_vit, targets)
+    if teacher not in ("none", "cnn", "vit"):
+        raise ValueError(f"consistency teacher must be none, cnn or vit, got {teacher!r}")
     if consistency_on and cam_lambda > 0:
+        cam_cnn = cam_cnn.detach() if teacher == "cnn" else cam_cnn
+        cam_vit = cam_vit.detach() if teacher == "vit" else cam_vit
         up_cnn = F.interpolate(cam_cnn, size=size, mode="bilinear", align_corners=align_corners)
         up_vit = F.interpolate(cam_vit, size=size, mode="bilinear", align_corners=align_corners)
         consistency = (up_cnn - up_vit).abs().mean()
@@ -112,7 +119,7 @@ def run(ctx) -> dict:
         consistency_on = step // steps_per_epoch >= section.consistency_start_epoch
         return cotraining_loss(logits_cnn.float(), logits_vit.float(), cam_cnn.float(), cam_vit.float(),
                                targets, images.shape[-2:], section.cam_lambda, consistency_on,
-                               section.consistency_align_corners)
+                               section.consistency_align_corners, section.consistency_teacher)
 
     def validate(epoch, trainer_model):
         return {"val_loss": round(_validation_loss(trainer_model, val_loader, runtime), 5)} if val_loader else {}

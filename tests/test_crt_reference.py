@@ -83,6 +83,7 @@ def test_voc12_irn_is_the_reference(voc12):
 
 def test_voc12_other_reference_keys(voc12):
     assert voc12.train_cam.consistency_align_corners and voc12.train_cam.interpolation == "bicubic"
+    assert voc12.train_cam.consistency_teacher == "none" and voc12.train_cam.cam_lambda == pytest.approx(0.1)
     assert voc12.make_cam.interpolation == "bicubic" and voc12.make_cam.full_res_rounding == 16
     assert voc12.train_cam.optimizer.momentum == pytest.approx(1e-4)
 

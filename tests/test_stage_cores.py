@@ -62,6 +62,21 @@ def test_cotraining_loss_consistency_term():
     assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("teacher", ["cnn", "vit"])
+def test_consistency_teacher_stops_the_gradient_into_its_own_branch(teacher):
+    logits, targets = torch.randn(2, 5), (torch.rand(2, 5) > 0.5).float()
+    cam, other = torch.rand(2, 5, 4, 4), torch.rand(2, 5, 4, 4)
+    a, b = cam.clone().requires_grad_(), other.clone().requires_grad_()
+    out = cotraining_loss(logits, logits, a, b, targets, (16, 16), 0.1, True, teacher=teacher)
+    reference = cotraining_loss(logits, logits, cam, other, targets, (16, 16), 0.1, True)
+    assert torch.equal(out["consistency"].detach(), reference["consistency"])   # same value, other gradient
+    out["consistency"].backward()
+    taught, fixed = (b, a) if teacher == "cnn" else (a, b)
+    assert fixed.grad is None and taught.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="teacher"):
+        cotraining_loss(logits, logits, cam, other, targets, (16, 16), 0.1, True, teacher="both")
+
+
 def test_poly_lr_values_and_groups():
     poly = Schedule("poly", power=0.9)
     assert 0.1 * poly.factor(0, 100) == 0.1 and 0.1 * poly.factor(100, 100) == 0.0
