@@ -86,17 +86,22 @@ def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def msc_loss(outputs: Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor,
-             ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+             ignore_index: int = IGNORE_INDEX, resolution: str = "logits") -> torch.Tensor:
     """Sum over outputs of the mean cross-entropy, pixels labelled `ignore_index`
-    excluded; each (B, C, h, w) output is compared with the (B, H, W) labels
-    resized to (h, w) by `resize_labels`. An output with no valid pixel adds 0
-    (not NaN)."""
+    excluded. `resolution="logits"` (the reference): each (B, C, h, w) output is
+    compared with the (B, H, W) labels resized to (h, w) by `resize_labels`;
+    "labels": each output is bilinearly upsampled to (H, W) and every label
+    pixel counts. An output with no valid pixel adds 0 (not NaN)."""
     if isinstance(outputs, torch.Tensor):
         outputs = [outputs]
     if labels.dim() != 3:
         raise ValueError(f"labels must be (B, H, W), got shape {tuple(labels.shape)}")
+    if resolution not in ("logits", "labels"):
+        raise ValueError(f"resolution must be 'logits' or 'labels', got {resolution!r}")
     total = outputs[0].new_zeros(())
     for logits in outputs:
+        if resolution == "labels":
+            logits = F.interpolate(logits, size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
         target = resize_labels(labels, logits.shape[2:]).to(logits.device)
         if (target != ignore_index).any():
             total = total + F.cross_entropy(logits, target, ignore_index=ignore_index)

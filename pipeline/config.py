@@ -318,6 +318,9 @@ class TrainDeeplabConfig:
     # lr multipliers of the ASPP weights and biases (the reference's Caffe lr_mult 10 and 20)
     head_lr_mult: float = checked(10.0, POSITIVE)
     head_bias_lr_mult: float = checked(20.0, POSITIVE)
+    # where the cross-entropy is taken: "logits" = the labels nearest-resized to the 1/8 logit map
+    # (the reference); "labels" = the logits bilinearly upsampled to the crop, every label pixel counts
+    loss_resolution: Literal["logits", "labels"] = "logits"
     amp: bool = False
     checkpoint_every: int = checked(1000, POSITIVE)
     log_every: int = checked(20, POSITIVE)

@@ -47,7 +47,8 @@ def run(ctx) -> dict:
 
     def losses(trainer_model, batch, step):
         images, labels = batch[0].to(runtime.device), batch[1].to(runtime.device)
-        return {"loss": msc_loss([o.float() for o in trainer_model(images)], labels)}
+        return {"loss": msc_loss([o.float() for o in trainer_model(images)], labels,
+                                 resolution=section.loss_resolution)}
 
     history = Trainer(ctx, model, loader, optimizer_from_config(opt, param_groups(model, opt.lr, opt.weight_decay, section.head_lr_mult,
                                                                     section.head_bias_lr_mult)),

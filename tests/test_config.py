@@ -33,6 +33,7 @@ def test_defaults_are_the_reference_hyperparameters():
     ("train_deeplab.aspp_rates=[]", "train_deeplab.aspp_rates"),
     ("train_deeplab.aspp_rates=[0,2]", "train_deeplab.aspp_rates"),
     ("train_deeplab.msc_scales=[0]", "train_deeplab.msc_scales"),
+    ("train_deeplab.loss_resolution=pixels", "train_deeplab.loss_resolution"),
     ("data=3", "data"),
     ("train_irn.optimizer.momentum=-1", "train_irn.optimizer.momentum"),
     ("train_deeplab.optimizer.poly_power=0", "train_deeplab.optimizer.poly_power"),

@@ -230,6 +230,7 @@ def test_voc12_deeplab_is_the_reference(voc12):
         for block in getattr(backbone, name):
             assert block.conv2.dilation == (rate, rate) and block.conv2.padding == (rate, rate), name
     assert voc12.train_deeplab.scales == [0.5, 0.75, 1.0, 1.25, 1.5]
+    assert voc12.train_deeplab.loss_resolution == "logits"  # labels sampled at the logit map's pixel centres
     with torch.no_grad():
         assert msc.eval()(torch.zeros(1, 3, 65, 81)).shape[-2:] == (9, 11)
 

@@ -237,6 +237,28 @@ def test_msc_loss_resizes_labels_to_each_output():
     assert msc_loss([small], labels).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_msc_loss_at_label_resolution_upsamples_the_logits_bilinearly():
+    # a 1x2 logit map read at 1x4 (align_corners=False): columns sit at -0.25, 0.25, 0.75, 1.25
+    # of the source, clamped to [0, 1], so the weights of the right cell are 0, 1/4, 3/4, 1
+    logits = torch.tensor([[[[0.0, 4.0]], [[2.0, 0.0]]]])  # (1, 2, 1, 2)
+    labels = torch.tensor([[[1, 0, 255, 0]]])
+
+    def nll(scores, target):
+        return -(scores[target] - math.log(sum(math.exp(s) for s in scores)))
+
+    def column(w):  # class scores where the right cell has weight w
+        return [0.0 * (1 - w) + 4.0 * w, 2.0 * (1 - w) + 0.0 * w]
+
+    expected = (nll(column(0.0), 1) + nll(column(0.25), 0) + nll(column(1.0), 0)) / 3
+    assert msc_loss([logits], labels, resolution="labels").item() == pytest.approx(expected, rel=1e-6)
+    # the reference's way samples the labels at the logits' two pixel centres (columns 1 and 3)
+    assert msc_loss([logits], labels).item() == pytest.approx((nll([0.0, 2.0], 0) + nll([4.0, 0.0], 0)) / 2, rel=1e-6)
+    all_ignored = torch.full((1, 1, 4), 255)
+    assert msc_loss([logits], all_ignored, resolution="labels").item() == 0.0
+    with pytest.raises(ValueError, match="resolution"):
+        msc_loss([logits], labels, resolution="image")
+
+
 # --- augmentation ------------------------------------------------------------------
 
 COLOURS = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20], [20, 230, 230]], np.uint8)

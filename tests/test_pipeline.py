@@ -42,7 +42,7 @@ def tiny_config(data_root: Path, work_dir: Path, run_name: str = "tiny") -> dict
         "eval_ins_seg": {"enabled": True},
         "train_deeplab": {"backbone": "resnet10t", "pretrained": False, "iterations": 4, "batch_size": 2,
                           "accumulation": 2, "crop_size": 64, "optimizer": {"lr": 0.01}, "checkpoint_every": 2,
-                          "log_every": 1, "num_workers": 0},
+                          "log_every": 1, "num_workers": 0, "loss_resolution": "labels"},
         "crf": {"num_workers": 2, "iters": 3},
     }
 
