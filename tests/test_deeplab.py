@@ -190,13 +190,15 @@ def test_poly_lr_values_and_optimizer_update(model):
 
 # --- loss --------------------------------------------------------------------------
 
+def nll(scores, target):
+    """-log softmax(scores)[target], by hand."""
+    return -(scores[target] - math.log(sum(math.exp(s) for s in scores)))
+
+
 def test_msc_loss_hand_computed_2x2():
     logits = torch.tensor([[[[2.0, 0.0], [1.0, 0.5]],
                             [[0.0, 1.0], [3.0, 0.5]]]])  # (1, 2, 2, 2)
     labels = torch.tensor([[[0, 1], [255, 1]]])
-
-    def nll(scores, target):
-        return -(scores[target] - math.log(sum(math.exp(s) for s in scores)))
 
     expected = (nll([2.0, 0.0], 0) + nll([0.0, 1.0], 1) + nll([0.5, 0.5], 1)) / 3
     assert msc_loss([logits], labels).item() == pytest.approx(expected, rel=1e-6)
@@ -242,9 +244,6 @@ def test_msc_loss_at_label_resolution_upsamples_the_logits_bilinearly():
     # of the source, clamped to [0, 1], so the weights of the right cell are 0, 1/4, 3/4, 1
     logits = torch.tensor([[[[0.0, 4.0]], [[2.0, 0.0]]]])  # (1, 2, 1, 2)
     labels = torch.tensor([[[1, 0, 255, 0]]])
-
-    def nll(scores, target):
-        return -(scores[target] - math.log(sum(math.exp(s) for s in scores)))
 
     def column(w):  # class scores where the right cell has weight w
         return [0.0 * (1 - w) + 4.0 * w, 2.0 * (1 - w) + 0.0 * w]
