@@ -19,6 +19,7 @@ from typing import List, Optional
 
 import typer
 
+from dataset.demo import DEMO_TRAIN, DEMO_VAL
 from pipeline.errors import PipelineError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
@@ -195,8 +196,8 @@ def report(
 @app.command("demo-data")
 def demo_data(
     out: Path = typer.Option(..., "--out", help="Folder to write (the VOC2012-like root, or the COCO root)."),
-    train: int = typer.Option(160, "--train", help="Number of training images."),
-    val: int = typer.Option(32, "--val", help="Number of validation images."),
+    train: int = typer.Option(DEMO_TRAIN, "--train", help="Number of training images."),
+    val: int = typer.Option(DEMO_VAL, "--val", help="Number of validation images."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
     layout: str = typer.Option("voc", "--layout", help="voc, coco or folder (images/ + labels.csv + classes.txt)."),
 ):
@@ -219,16 +220,21 @@ def demo(
     set_: Optional[List[str]] = SetOpt,
     config: Path = typer.Option(DEMO_CONFIG, "--config", help="Demo config."),
 ):
-    """Generate the synthetic demo data if absent, then run the whole pipeline on the CPU."""
+    """Generate the synthetic demo data if absent (or made by an older release with other sizes),
+    then run the whole pipeline on the CPU."""
     from pipeline.config import load_config
-    from dataset.demo import generate_demo_data
+    from dataset.demo import demo_data_mismatch, generate_demo_data
 
     try:
         cfg = load_config(config, set_ or [])
         root = Path(cfg.data.root)
-        if not root.exists():
+        layout = {"coco": "coco", "folder": "folder"}.get(cfg.data.dataset, "voc")
+        mismatch = demo_data_mismatch(root, seed=cfg.seed, layout=layout) if root.exists() else ""
+        if mismatch:
+            # the stages' input digests see the new files: the stages that read them rerun
+            typer.echo(f"the demo data in {root} differs from this release's ({mismatch}): regenerating it ...")
+        if mismatch or not root.exists():
             typer.echo(f"generating demo data in {root} ...")
-            layout = {"coco": "coco", "folder": "folder"}.get(cfg.data.dataset, "voc")
             generate_demo_data(root, seed=cfg.seed, layout=layout)
     except PipelineError as e:
         _fail(e)

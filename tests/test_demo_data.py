@@ -1,3 +1,4 @@
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -6,7 +7,8 @@ import pytest
 
 from pipeline.artifacts import load_label_png, load_rgb
 from dataset.classes import COCO_CLASSES, VOC_CLASSES
-from dataset.demo import generate_demo_data
+import dataset.demo
+from dataset.demo import DEMO_TRAIN, DEMO_VAL, demo_data_mismatch, generate_demo_data
 from pipeline.errors import PipelineError
 
 
@@ -134,3 +136,39 @@ def test_refuses_a_folder_that_is_not_a_demo(tmp_path):
     (tmp_path / "notes.txt").write_text("real data lives here")
     with pytest.raises(PipelineError, match="not empty"):
         generate_demo_data(tmp_path, n_train=1, n_val=1)
+
+
+def test_mismatch_names_what_differs_and_ignores_folders_that_are_not_demos(tmp_path):
+    generate_demo_data(tmp_path / "d", n_train=3, n_val=2, seed=1, layout="coco")
+    assert demo_data_mismatch(tmp_path / "d", n_train=3, n_val=2, seed=1, layout="coco") == ""
+    assert demo_data_mismatch(tmp_path / "d", n_train=3, n_val=5, seed=1, layout="coco") == "n_val 2 (now 5)"
+    both = demo_data_mismatch(tmp_path / "d", n_train=3, n_val=2, seed=0, layout="voc")
+    assert "layout 'coco' (now 'voc')" in both and "seed 1 (now 0)" in both
+    (tmp_path / "mine").mkdir()
+    assert demo_data_mismatch(tmp_path / "mine") == ""          # no marker: the user's own data
+    (tmp_path / "d" / "demo_data.json").write_text("{not json")
+    assert "unreadable" in demo_data_mismatch(tmp_path / "d", n_train=3, n_val=2, seed=1, layout="coco")
+
+
+def test_demo_command_regenerates_data_of_other_sizes_and_keeps_matching_data(tmp_path, monkeypatch):
+    """`demo` replaces demo data written with other sizes (an older release's 32 val images) and
+    leaves matching data alone; the pipeline run itself is stubbed out."""
+    import run_pipeline
+    from typer.testing import CliRunner
+
+    monkeypatch.setattr(run_pipeline, "_run", lambda config, sets: None)
+    root = tmp_path / "VOC2012"
+    generate_demo_data(root, n_train=2, n_val=1, seed=0)
+    calls = []
+
+    def spy(out, **kwargs):
+        calls.append(kwargs)
+        (Path(out) / "demo_data.json").write_text(json.dumps(dataset.demo._marker(kwargs["layout"], kwargs["seed"],
+                                                                                  DEMO_TRAIN, DEMO_VAL)))
+    monkeypatch.setattr(dataset.demo, "generate_demo_data", spy)
+    args = ["demo", "--set", f"data.root={root}"]
+    result = CliRunner().invoke(run_pipeline.app, args)
+    assert result.exit_code == 0, result.output
+    assert "n_train 2 (now 160), n_val 1 (now 160)" in result.output and calls == [{"seed": 0, "layout": "voc"}]
+    result = CliRunner().invoke(run_pipeline.app, args)          # now current: not generated again
+    assert result.exit_code == 0 and len(calls) == 1 and "regenerating" not in result.output
