@@ -66,7 +66,7 @@ def easy_scenes(count: int, size: int = 48, seed: int = 0):
 
 
 def fit_accuracy(section, steps: int = 40) -> dict[int, float]:
-    """Train a random-init resnet10t DeepLab with `section`'s BatchNorm mode, MSC scales, ASPP rates,
+    """Train a random-init resnet10t DeepLab with `section`'s BatchNorm mode, MSC scales, ASPP rates, loss resolution,
     optimiser and head multipliers on 8 easy scenes; per-class pixel accuracy of the full-size prediction on them."""
     torch.manual_seed(0)
     images, labels = easy_scenes(8)
@@ -78,7 +78,7 @@ def fit_accuracy(section, steps: int = 40) -> dict[int, float]:
     for step in range(steps):
         set_lr(optimizer, opt.lr, Schedule(opt.schedule, power=opt.poly_power).factor(step, steps))
         batch = torch.arange(4) + 4 * (step % 2)
-        loss = msc_loss(model(images[batch]), labels[batch])
+        loss = msc_loss(model(images[batch]), labels[batch], resolution=section.loss_resolution)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
