@@ -229,12 +229,11 @@ def demo(
         cfg = load_config(config, set_ or [])
         root = Path(cfg.data.root)
         layout = {"coco": "coco", "folder": "folder"}.get(cfg.data.dataset, "voc")
-        mismatch = demo_data_mismatch(root, seed=cfg.seed, layout=layout) if root.exists() else ""
-        if mismatch:
-            # the stages' input digests see the new files: the stages that read them rerun
-            typer.echo(f"the demo data in {root} differs from this release's ({mismatch}): regenerating it ...")
+        mismatch = demo_data_mismatch(root, seed=cfg.seed, layout=layout)   # "" without a demo marker
         if mismatch or not root.exists():
-            typer.echo(f"generating demo data in {root} ...")
+            # regenerated files are new inputs to the stages that read them: those stages rerun
+            typer.echo(f"the demo data in {root} differs from this release's ({mismatch}): regenerating it ..."
+                       if mismatch else f"generating demo data in {root} ...")
             generate_demo_data(root, seed=cfg.seed, layout=layout)
     except PipelineError as e:
         _fail(e)

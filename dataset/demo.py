@@ -131,7 +131,8 @@ def generate_demo_data(out, n_train: int = DEMO_TRAIN, n_val: int = DEMO_VAL, se
     _prepare_output(out)
     class_names = CLASS_NAMES["voc" if layout == "folder" else layout]
     label_space = _LABEL_SPACES[layout]
-    class_ids = {kind: label_space.index(name) for kind, name in class_names.items()}
+    marker = _marker(layout, seed, n_train, n_val)
+    class_ids = dict(zip(KINDS, marker["class_ids"]))
     lookup = np.zeros(256, np.uint8)  # instance index -> class id, filled per image
 
     split_ids: dict[str, list[str]] = {}
@@ -186,6 +187,5 @@ def generate_demo_data(out, n_train: int = DEMO_TRAIN, n_val: int = DEMO_VAL, se
             _write_bytes(out / "splits" / f"{name}.txt", ("\n".join(ids) + "\n").encode())
 
     # the marker leaves out the path, so the folder's bytes do not depend on where it was written
-    marker = _marker(layout, seed, len(split_ids["train"]), len(split_ids["val"]))
     _write_bytes(out / MARKER_NAME, (json.dumps(marker, indent=2) + "\n").encode())
     return {"out": str(out), **marker}
